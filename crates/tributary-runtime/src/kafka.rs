@@ -1,0 +1,126 @@
+//! Kafka client plumbing shared by the runtime and the CLI.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+
+use crate::config::KafkaConfig;
+
+/// A librdkafka configuration with the bootstrap servers and every pass-through property.
+pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.bootstrap_servers);
+    for (key, value) in &kafka.properties {
+        config.set(key, value);
+    }
+    config
+}
+
+/// Errors reaching the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSetupError {
+    /// No broker answered a metadata request in time.
+    #[error("no Kafka broker at {bootstrap} answered within {timeout:?}: {source}")]
+    Unreachable {
+        /// The bootstrap servers tried.
+        bootstrap: String,
+        /// How long we waited.
+        timeout: Duration,
+        /// The last error.
+        source: rdkafka::error::KafkaError,
+    },
+    /// A client could not be created (a bad property).
+    #[error("invalid Kafka client configuration: {0}")]
+    Client(rdkafka::error::KafkaError),
+    /// A topic could not be created.
+    #[error("cannot create topic {topic}: {reason}")]
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// Why not.
+        reason: String,
+    },
+    /// The blocking metadata task failed.
+    #[error("metadata task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Waits until a broker answers a metadata request; returns how many brokers the cluster has.
+pub async fn wait_for_broker(
+    kafka: &KafkaConfig,
+    timeout: Duration,
+) -> Result<usize, KafkaSetupError> {
+    let consumer: BaseConsumer = client_config(kafka)
+        .create()
+        .map_err(KafkaSetupError::Client)?;
+    let bootstrap = kafka.bootstrap_servers.clone();
+    // fetch_metadata blocks the calling thread, so it runs on the blocking pool.
+    tokio::task::spawn_blocking(move || {
+        consumer
+            .fetch_metadata(None, timeout)
+            .map(|metadata| metadata.brokers().len())
+            .map_err(|source| KafkaSetupError::Unreachable {
+                bootstrap,
+                timeout,
+                source,
+            })
+    })
+    .await?
+}
+
+/// What kind of topic to create: log-compacted state or a plain event log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    /// An event topic with time retention.
+    Events,
+    /// A compacted topic that keeps the latest record per key (changelogs, reference data).
+    Compacted,
+}
+
+/// Creates the topics that do not exist yet; existing ones are left as they are.
+pub async fn ensure_topics(
+    kafka: &KafkaConfig,
+    topics: &[(&str, TopicKind)],
+) -> Result<(), KafkaSetupError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka)
+        .create()
+        .map_err(KafkaSetupError::Client)?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, kind)| {
+            let topic = NewTopic::new(
+                name,
+                kafka.partitions,
+                TopicReplication::Fixed(kafka.replication_factor),
+            );
+            match kind {
+                TopicKind::Events => topic,
+                TopicKind::Compacted => topic.set("cleanup.policy", "compact"),
+            }
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(new_topics.iter(), &options)
+        .await
+        .map_err(|e| KafkaSetupError::CreateTopic {
+            topic: "(batch)".into(),
+            reason: e.to_string(),
+        })?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaSetupError::CreateTopic {
+                    topic,
+                    reason: code.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! The shape of a Tributary service and the `main` every service binary calls.
+//!
+//! A service implements [`Service`]: `build` from its typed configuration, then `run` until the
+//! shutdown token fires. [`main`] does the rest the same way for all five binaries: parse the
+//! command line, load configuration (all errors at once), start telemetry, serve the admin port,
+//! turn SIGTERM/SIGINT into a shutdown, and enforce the shutdown grace. [`spawn`] runs a
+//! service in-process for tests, on the same path.
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tributary_telemetry::{AdminServer, Health, ServiceMetrics};
+
+use crate::config::{ConfigSource, ServiceConfig, ServiceSection};
+
+/// What a service hands the harness, and what the harness hands the service while it builds.
+#[derive(Debug)]
+pub struct BuildContext {
+    /// Registry for the service's own metrics, beside the common ones.
+    pub registry: Registry,
+    /// The metrics every service exposes; the stream runtime records them.
+    pub metrics: ServiceMetrics,
+    /// Health flags: the service sets ready once it can do its work.
+    pub health: Health,
+}
+
+/// A Tributary service: a library with a build step and a run loop.
+pub trait Service: Sized + Send + 'static {
+    /// The service name: binary, consumer group, metric label and config section.
+    const NAME: &'static str;
+    /// Admin port used when the configuration names none, distinct per service so that all
+    /// five can run side by side on one machine.
+    const DEFAULT_ADMIN_PORT: u16;
+    /// The service's own configuration section.
+    type Settings: ServiceSection;
+
+    /// Builds the service: connects clients, registers metrics. Nothing is consumed yet.
+    fn build(
+        config: ServiceConfig<Self::Settings>,
+        context: &mut BuildContext,
+    ) -> impl Future<Output = anyhow::Result<Self>> + Send;
+
+    /// Runs until `shutdown` is cancelled, then finishes or aborts in-flight work and returns.
+    fn run(self, shutdown: CancellationToken) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// A service started by [`spawn`].
+#[derive(Debug)]
+pub struct RunningService {
+    /// Where its admin port listens.
+    pub admin_addr: SocketAddr,
+    /// Its health flags.
+    pub health: Health,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningService {
+    /// Asks the service to stop, as SIGTERM would, and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.context("service task panicked")?
+    }
+
+    /// The token that stops it.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Builds `S` with `config` and runs it in the current Tokio runtime, with its admin port.
+pub async fn spawn<S: Service>(
+    config: ServiceConfig<S::Settings>,
+) -> anyhow::Result<RunningService> {
+    let shutdown = CancellationToken::new();
+    let (admin_addr, health, task) = start::<S>(config, shutdown.clone()).await?;
+    Ok(RunningService {
+        admin_addr,
+        health,
+        shutdown,
+        task,
+    })
+}
+
+async fn start<S: Service>(
+    config: ServiceConfig<S::Settings>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, Health, JoinHandle<anyhow::Result<()>>)> {
+    let mut registry = Registry::default();
+    let metrics = ServiceMetrics::register(&mut registry, S::NAME);
+    let health = Health::new();
+    let admin_listen = config
+        .admin
+        .listen
+        .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::LOCALHOST, S::DEFAULT_ADMIN_PORT)));
+    let grace = config.runtime.shutdown_grace;
+    let mut context = BuildContext {
+        registry,
+        metrics,
+        health: health.clone(),
+    };
+    let service = S::build(config, &mut context)
+        .await
+        .with_context(|| format!("building {}", S::NAME))?;
+
+    let admin = AdminServer::bind(admin_listen, Arc::new(context.registry), health.clone())
+        .await
+        .with_context(|| format!("binding the admin port {admin_listen}"))?;
+    let admin_addr = admin.local_addr()?;
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin.serve(admin_stop.clone().cancelled_owned()));
+
+    let task_health = health.clone();
+    let task = tokio::spawn(async move {
+        let run = tokio::spawn(service.run(shutdown.clone()));
+        tokio::pin!(run);
+        let outcome = tokio::select! {
+            finished = &mut run => finished,
+            () = shutdown.cancelled() => {
+                task_health.set_stopping();
+                tracing::info!(grace = ?grace, "shutting down");
+                match tokio::time::timeout(grace, &mut run).await {
+                    Ok(finished) => finished,
+                    Err(_) => {
+                        run.abort();
+                        admin_stop.cancel();
+                        anyhow::bail!("{} did not stop within the shutdown grace of {grace:?}", S::NAME);
+                    }
+                }
+            }
+        };
+        task_health.set_stopping();
+        admin_stop.cancel();
+        let _ = admin_task.await;
+        outcome.context("service run loop panicked")?
+    });
+    tracing::info!(service = S::NAME, admin = %admin_addr, "started");
+    Ok((admin_addr, health, task))
+}
+
+/// Command-line arguments common to every service binary.
+#[derive(Debug, clap::Parser)]
+struct Args {
+    /// A TOML configuration file; the environment (`TRIBUTARY__…`) overrides it.
+    #[arg(long, env = crate::config::CONFIG_FILE_ENV)]
+    config: Option<PathBuf>,
+    /// Load and check the configuration, print it (secrets redacted), and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// The whole `main` of a service binary.
+///
+/// Exit codes: 0 after a clean shutdown, 1 when the service failed, 2 for a bad configuration.
+pub fn main<S: Service>() -> ExitCode {
+    use clap::Parser as _;
+    let args = Args::parse();
+    let config = match ConfigSource::from_process(args.config).load::<S::Settings>(S::NAME) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{}: {errors}", S::NAME);
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{}: cannot start the async runtime: {error}", S::NAME);
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let _telemetry = match tributary_telemetry::logging::init(S::NAME, &config.log) {
+            Ok(guard) => guard,
+            Err(error) => {
+                eprintln!("{}: {error}", S::NAME);
+                return ExitCode::from(2);
+            }
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        let outcome = match start::<S>(config, shutdown).await {
+            Ok((_, _, task)) => task.await.map_err(anyhow::Error::from).and_then(|r| r),
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(service = S::NAME, "stopped");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                tracing::error!(service = S::NAME, error = format!("{error:#}"), "failed");
+                eprintln!("{}: {error:#}", S::NAME);
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Cancels `shutdown` on SIGTERM (Kubernetes) or SIGINT (a terminal).
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}
+
+/// The run loop of a service whose processing is not built yet: it waits for the broker,
+/// reports ready, and idles until shutdown. It proves the service's shape (configuration,
+/// admin port, probes, signals) end to end before its logic lands.
+pub async fn connect_and_idle(
+    kafka: &crate::config::KafkaConfig,
+    health: &Health,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    // Retry in short rounds so that a broker that starts after the service is picked up and a
+    // shutdown during the wait is honoured promptly.
+    const ROUND: std::time::Duration = std::time::Duration::from_secs(2);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            reached = crate::kafka::wait_for_broker(kafka, ROUND) => match reached {
+                Ok(brokers) => {
+                    tracing::info!(brokers, "connected to Kafka");
+                    break;
+                }
+                Err(error) => tracing::warn!(%error, "waiting for Kafka"),
+            },
+        }
+    }
+    health.set_ready(true);
+    shutdown.cancelled().await;
+    Ok(())
+}

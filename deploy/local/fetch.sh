@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Fetches what the local stack runs, into $TRIBUTARY_CACHE_DIR, on first use only:
+#   kafka-<v>/libs/                 Kafka broker + tools jars, from Maven Central (kafka/pom.xml)
+#   apicurio-registry-<v>/          Apicurio Registry (Quarkus app), from Maven Central
+#   tryton-venv-<v>/                virtualenv with trytond + modules + proteus, from PyPI
+#
+# Each one is complete only when its stamp file (.complete) exists and holds the inputs it was
+# built from (versions, the pom's or requirements' checksum). A download that was cut short
+# has no stamp and is thrown away and redone; a changed pin or pom gives a different stamp and
+# is redone too. Kafka and Apicurio are assembled in a .partial folder renamed into place at
+# the end, so their final folder never holds half a download.
+#
+# Usage: fetch.sh [kafka|registry|tryton]...   (default: all three)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=SCRIPTDIR/env.sh
+. "$here/env.sh"
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$here/lib.sh"
+
+# The stamp's content: everything that, when changed, must cause a fresh download.
+stamp_of() {
+  case "$1" in
+    kafka) printf 'kafka %s log4j %s pom %s\n' "$KAFKA_VERSION" "$LOG4J_VERSION" \
+      "$(sha256sum <"$here/kafka/pom.xml" | cut -d' ' -f1)" ;;
+    registry) printf 'apicurio-registry %s\n' "$APICURIO_VERSION" ;;
+    tryton) printf 'python %s requirements %s\n' \
+      "$("$TRIBUTARY_PYTHON" -c 'import sys; print(sys.version.split()[0])')" \
+      "$(sha256sum <"$here/tryton/requirements.txt" | cut -d' ' -f1)" ;;
+  esac
+}
+
+# True if folder $1 holds a complete download for component $2.
+is_complete() { [[ -f "$1/.complete" && "$(<"$1/.complete")" == "$(stamp_of "$2")" ]]; }
+
+# Maven flags: batch mode (no progress bars), quiet, no colour codes in logs.
+mvn_flags=(-B -q -Dstyle.color=never)
+
+fetch_kafka() {
+  local home=$TRIBUTARY_KAFKA_HOME partial
+  is_complete "$home" kafka && return 0
+  tb_log "fetching Kafka $KAFKA_VERSION (Maven Central) into $home"
+  local started
+  started=$(tb_now)
+  partial="$home.partial"
+  rm -rf "$partial"
+  "$TRIBUTARY_MVN" "${mvn_flags[@]}" -f "$here/kafka/pom.xml" dependency:copy-dependencies \
+    -Dkafka.version="$KAFKA_VERSION" -Dlog4j.version="$LOG4J_VERSION" \
+    -DincludeScope=runtime -DoutputDirectory="$partial/libs"
+  # The two entry points up.sh uses must be there, or the broker would fail later, obscurely.
+  local jar="$partial/libs/kafka_2.13-$KAFKA_VERSION.jar"
+  [[ -f "$jar" ]] || tb_die "Kafka download incomplete: no $jar"
+  unzip -l "$jar" | grep -q 'kafka/tools/StorageTool.class' ||
+    tb_die "$jar has no kafka.tools.StorageTool"
+  unzip -l "$jar" | grep -q ' kafka/Kafka.class' || tb_die "$jar has no kafka.Kafka"
+  stamp_of kafka >"$partial/.complete"
+  rm -rf "$home"
+  mv "$partial" "$home"
+  tb_log "Kafka fetched in $(tb_elapsed "$started")s"
+}
+
+fetch_registry() {
+  local home=$TRIBUTARY_APICURIO_HOME partial
+  is_complete "$home" registry && return 0
+  tb_log "fetching Apicurio Registry $APICURIO_VERSION (Maven Central) into $home"
+  local started
+  started=$(tb_now)
+  partial="$home.partial"
+  rm -rf "$partial"
+  mkdir -p "$partial"
+  # The app is published on Maven Central as a tar.gz of the Quarkus application folder.
+  "$TRIBUTARY_MVN" "${mvn_flags[@]}" dependency:copy \
+    -Dartifact="io.apicurio:apicurio-registry-app:$APICURIO_VERSION:tar.gz:all" \
+    -DoutputDirectory="$partial"
+  local tarball="$partial/apicurio-registry-app-$APICURIO_VERSION-all.tar.gz"
+  tar -xzf "$tarball" -C "$partial"
+  rm -f "$tarball"
+  # 3.1+ unpack to quarkus-run.jar + lib/ + app/; 3.0 to apicurio-registry-app-<v>-runner.jar + lib/.
+  TRIBUTARY_APICURIO_HOME="$partial" tb_registry_jar >/dev/null ||
+    tb_die "Apicurio download has neither quarkus-run.jar nor *-runner.jar"
+  stamp_of registry >"$partial/.complete"
+  rm -rf "$home"
+  mv "$partial" "$home"
+  tb_log "Apicurio Registry fetched in $(tb_elapsed "$started")s"
+}
+
+fetch_tryton() {
+  # A virtualenv cannot be moved after creation (its scripts name its absolute path), so it
+  # is built in place; without a matching stamp it is deleted and rebuilt from scratch.
+  local venv=$TRIBUTARY_TRYTON_VENV
+  is_complete "$venv" tryton && return 0
+  tb_log "installing Tryton (PyPI) into $venv"
+  local started
+  started=$(tb_now)
+  rm -rf "$venv"
+  "$TRIBUTARY_PYTHON" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -r "$here/tryton/requirements.txt"
+  "$venv/bin/python" -c 'import trytond.modules.account_invoice, proteus' ||
+    tb_die "Tryton install incomplete"
+  stamp_of tryton >"$venv/.complete"
+  tb_log "Tryton installed in $(tb_elapsed "$started")s"
+}
+
+main() {
+  local components=("$@")
+  ((${#components[@]})) || components=(kafka registry tryton)
+  tb_lock
+  local c
+  for c in "${components[@]}"; do
+    case "$c" in
+      kafka | registry | tryton) "fetch_$c" ;;
+      *) tb_die "unknown component '$c' (expected kafka, registry or tryton)" ;;
+    esac
+  done
+}
+
+main "$@"

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    tributary_runtime::service::main::<entitlement_watcher::App>()
+}

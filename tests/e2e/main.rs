@@ -1,0 +1,5 @@
+//! End-to-end tests against the real local stack. Start it with `make up`, or run `make test`.
+
+mod kafka_transactions;
+mod schema_registry;
+mod service_shape;

@@ -1,0 +1,87 @@
+//! Every service has the same shape: it starts, reports ready, serves metrics, and stops
+//! cleanly on SIGTERM.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tributary_runtime::config::NoSettings;
+use tributary_tests::{eventually, stack};
+
+async fn get(url: &str) -> Option<(u16, String)> {
+    let response = reqwest::get(url).await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
+}
+
+#[tokio::test]
+async fn a_service_binary_reports_ready_serves_metrics_and_exits_0_on_sigterm() {
+    let stack = stack();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = format!("http://127.0.0.1:{port}");
+    let binary = escargot::CargoBuild::new()
+        .package("usage-ingest")
+        .bin("usage-ingest")
+        .current_release()
+        .current_target()
+        .run()
+        .expect("build the usage-ingest binary");
+    let mut child = tokio::process::Command::new(binary.path())
+        .envs(stack.service_env())
+        .env("TRIBUTARY__ADMIN__LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start usage-ingest");
+
+    eventually(
+        Duration::from_secs(60),
+        "the service to report ready",
+        || async {
+            get(&format!("{admin}/health/ready"))
+                .await
+                .filter(|(status, _)| *status == 200)
+        },
+    )
+    .await;
+    let (status, metrics) = get(&format!("{admin}/metrics")).await.expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(r#"tributary_service_info{service="usage-ingest""#),
+        "{metrics}"
+    );
+
+    let pid = Pid::from_raw(child.id().expect("running") as i32);
+    kill(pid, Signal::SIGTERM).expect("send SIGTERM");
+    // A bound on the wait, so that a hung shutdown fails the test instead of hanging it.
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the service exits after SIGTERM")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "clean exit after SIGTERM");
+}
+
+#[tokio::test]
+async fn a_service_runs_in_process_and_stops_when_asked() {
+    let stack = stack();
+    let config = stack.service_config::<NoSettings>("shape");
+    let service = tributary_runtime::service::spawn::<usage_ingest::App>(config)
+        .await
+        .expect("spawn");
+    let ready_url = format!("http://{}/health/ready", service.admin_addr);
+    eventually(Duration::from_secs(30), "readiness", || async {
+        get(&ready_url).await.filter(|(status, _)| *status == 200)
+    })
+    .await;
+    service.stop().await.expect("clean stop");
+    assert!(
+        get(&ready_url).await.is_none(),
+        "the admin port is closed after stop"
+    );
+}
