@@ -9,9 +9,7 @@
 use std::path::{Path, PathBuf};
 
 fn main() {
-    let manifest = PathBuf::from(
-        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
-    );
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let schemas_dir = manifest.join("../../schemas");
     println!("cargo::rerun-if-changed={}", schemas_dir.display());
 
@@ -23,9 +21,7 @@ fn main() {
     files.sort();
     let schemas: Vec<rsgen_avro::Schema> = files.iter().map(|path| parse(path)).collect();
 
-    let generator = rsgen_avro::Generator::builder()
-        .build()
-        .expect("rsgen-avro generator");
+    let generator = rsgen_avro::Generator::builder().build().expect("rsgen-avro generator");
     let mut code = Vec::new();
     generator
         .generate(&rsgen_avro::Source::Schemas(&schemas), &mut code)
@@ -34,14 +30,12 @@ fn main() {
         .expect("generated code is UTF-8")
         .replace("apache_avro::Decimal", "crate::decimal::Decimal6");
 
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"))
-        .join("contracts.rs");
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("contracts.rs");
     std::fs::write(&out, code).unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
 }
 
 fn parse(path: &Path) -> rsgen_avro::Schema {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     rsgen_avro::Schema::parse_str(&text)
         .unwrap_or_else(|e| panic!("{} is not a valid Avro schema: {e}", path.display()))
 }

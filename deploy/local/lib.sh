@@ -74,13 +74,15 @@ tb_running_pid() {
 # setsid gives it its own session, so it outlives the calling shell and its terminal and
 # receives no signal meant for the caller's process group (Ctrl-C in a test run). stdin is
 # /dev/null and stdout/stderr go to the log, so the caller's pipes are never held open (a
-# `$(up.sh)` or a CI step would otherwise wait for the server to exit).
+# `$(up.sh)` or a CI step would otherwise wait for the server to exit). `9>&-` closes the
+# lock's file descriptor (tb_lock): a server inheriting it would hold the lock for its life
+# and every later up.sh or down.sh would wait on it.
 tb_start() {
   local name=$1 log=$2
   shift 2
   mkdir -p "$TRIBUTARY_PID_DIR" "$(dirname "$log")"
   printf '\n===== %s starting %s =====\n' "$(date -Is)" "$name" >>"$log"
-  setsid "$@" </dev/null >>"$log" 2>&1 &
+  setsid "$@" </dev/null >>"$log" 2>&1 9>&- &
   printf '%s\n' "$!" >"$(tb_pid_file "$name")"
 }
 

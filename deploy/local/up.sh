@@ -4,7 +4,7 @@
 #   Apicurio Registry  3.x, in-memory storage, Confluent-compatible API at /apis/ccompat/v7
 #   Tryton             trytond on SQLite with the accounting set-up of tryton/setup.py
 #
-# Fetches first if needed (fetch.sh). A component that is already running (pid file + marker)
+# Fetches what is missing first (fetch.sh). A component that is already running (pid file + marker)
 # is left alone, so a second `up.sh` only checks health: harmless and about a second.
 # On success prints the client variables as `export` lines on stdout (everything else goes to
 # stderr), so `eval "$(deploy/local/up.sh)"` works; `. deploy/local/env.sh` gives the same.
@@ -23,20 +23,22 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # --- Java -----------------------------------------------------------------------------------
 
-# Kafka 4 brokers need Java 17+, Apicurio 3.1+ Java 21+ (see env.sh). Fail here rather than
-# with an UnsupportedClassVersionError in a log.
-check_java() {
+# Kafka 4 brokers need Java 17+, Apicurio 3.1+ Java 21+ (see env.sh). Checked before starting
+# either, to fail with a clear message rather than an UnsupportedClassVersionError in a log.
+check_kafka_java() {
   local major
   command -v "$TRIBUTARY_JAVA" >/dev/null || tb_die "java not found (set JAVA_HOME or TRIBUTARY_JAVA)"
   major=$(tb_java_major "$TRIBUTARY_JAVA")
   if ! [[ "$major" =~ ^[0-9]+$ ]] || ((major < 17)); then
     tb_die "Kafka needs Java 17 or newer; $TRIBUTARY_JAVA is Java '${major:-?}'"
   fi
-  if [[ -z "$TRIBUTARY_REGISTRY_JAVA" ]]; then
-    TRIBUTARY_REGISTRY_JAVA=$(tb_find_java "$APICURIO_JAVA_MIN") ||
-      tb_die "Apicurio Registry $APICURIO_VERSION needs Java $APICURIO_JAVA_MIN+; none found" \
-        "(set TRIBUTARY_REGISTRY_JAVA, or APICURIO_VERSION=3.0.9 which runs on Java 17)"
-  fi
+}
+
+find_registry_java() {
+  [[ -n "$TRIBUTARY_REGISTRY_JAVA" ]] && return 0
+  TRIBUTARY_REGISTRY_JAVA=$(tb_find_java "$APICURIO_JAVA_MIN") ||
+    tb_die "Apicurio Registry $APICURIO_VERSION needs Java $APICURIO_JAVA_MIN+; none found" \
+      "(set TRIBUTARY_REGISTRY_JAVA, or APICURIO_VERSION=3.0.9 which runs on Java 17)"
 }
 
 # --- Kafka ----------------------------------------------------------------------------------
@@ -109,6 +111,9 @@ start_kafka() {
     tb_log "kafka already running (pid $(tb_running_pid kafka "$TRIBUTARY_KAFKA_MARKER"))"
     return 0
   fi
+  # Fetching and Java checks only when starting: a second up.sh stays fast.
+  "$here/fetch.sh" kafka
+  check_kafka_java
   write_kafka_config
   format_kafka
   tb_log "starting kafka $KAFKA_VERSION on 127.0.0.1:$TRIBUTARY_KAFKA_PORT"
@@ -129,9 +134,10 @@ start_registry() {
     tb_log "registry already running (pid $(tb_running_pid registry "$TRIBUTARY_REGISTRY_MARKER"))"
     return 0
   fi
-  local dir="$TRIBUTARY_RUN_DIR/registry"
+  "$here/fetch.sh" registry
+  find_registry_java
+  local dir="$TRIBUTARY_RUN_DIR/registry" jar
   mkdir -p "$dir"
-  local jar
   jar=$(tb_registry_jar) || tb_die "no Apicurio launcher jar in $TRIBUTARY_APICURIO_HOME"
   tb_log "starting apicurio registry $APICURIO_VERSION on 127.0.0.1:$TRIBUTARY_REGISTRY_PORT" \
     "(Java $(tb_java_major "$TRIBUTARY_REGISTRY_JAVA"))"
@@ -213,6 +219,7 @@ start_tryton() {
     tb_log "tryton already running (pid $(tb_running_pid tryton "$TRIBUTARY_TRYTON_MARKER"))"
     return 0
   fi
+  "$here/fetch.sh" tryton
   write_tryton_config
   init_tryton_db
   setup_tryton
@@ -241,12 +248,10 @@ main() {
   local started
   started=$(tb_now)
   tb_lock
-  check_java
-  "$here/fetch.sh"
   mkdir -p "$TRIBUTARY_RUN_DIR" "$TRIBUTARY_LOG_DIR"
 
-  # The JVMs start in the background while Tryton's database is prepared in the foreground:
-  # on two cores this overlaps the slow parts instead of queueing them.
+  # The JVMs start in the background while the next download runs and Tryton's database is
+  # prepared in the foreground: on two cores this overlaps the slow parts.
   start_kafka
   start_registry
   start_tryton

@@ -23,33 +23,22 @@ fn consumer(stack: &Stack, topic: &str, isolation: &str) -> StreamConsumer {
 }
 
 fn transactional_producer(stack: &Stack) -> FutureProducer {
-    let producer: FutureProducer = client_config(&stack.kafka())
-        .set("transactional.id", unique_name("tx-test"))
-        .create()
-        .expect("producer");
-    producer
-        .init_transactions(TIMEOUT)
-        .expect("init_transactions");
+    let producer: FutureProducer =
+        client_config(&stack.kafka()).set("transactional.id", unique_name("tx-test")).create().expect("producer");
+    producer.init_transactions(TIMEOUT).expect("init_transactions");
     producer
 }
 
 async fn send(producer: &FutureProducer, topic: &str, payload: &str) {
     producer
-        .send(
-            FutureRecord::to(topic).key("acct-1").payload(payload),
-            TIMEOUT,
-        )
+        .send(FutureRecord::to(topic).key("acct-1").payload(payload), TIMEOUT)
         .await
         .map_err(|(error, _)| error)
         .expect("send");
 }
 
 /// Reads payloads until `until` is seen, or until `idle` passes without a record.
-async fn read_payloads(
-    consumer: &StreamConsumer,
-    idle: Duration,
-    until: Option<&str>,
-) -> Vec<String> {
+async fn read_payloads(consumer: &StreamConsumer, idle: Duration, until: Option<&str>) -> Vec<String> {
     let mut seen = Vec::new();
     while let Ok(message) = tokio::time::timeout(idle, consumer.recv()).await {
         let message = message.expect("consume");
@@ -64,13 +53,10 @@ async fn read_payloads(
 }
 
 #[tokio::test]
-async fn a_transactional_write_is_visible_to_read_committed_only_after_commit_and_never_after_abort()
- {
+async fn a_transactional_write_is_visible_to_read_committed_only_after_commit_and_never_after_abort() {
     let stack = stack();
     let topic = unique_name("tx");
-    ensure_topics(&stack.kafka(), &[(&topic, TopicKind::Events)])
-        .await
-        .expect("create topic");
+    ensure_topics(&stack.kafka(), &[(&topic, TopicKind::Events)]).await.expect("create topic");
     let producer = transactional_producer(stack);
     let committed_reader = consumer(stack, &topic, "read_committed");
     let uncommitted_reader = consumer(stack, &topic, "read_uncommitted");
@@ -80,22 +66,12 @@ async fn a_transactional_write_is_visible_to_read_committed_only_after_commit_an
         send(&producer, &topic, payload).await;
     }
     // The records are in the log: a read_uncommitted reader sees them ...
-    assert_eq!(
-        read_payloads(&uncommitted_reader, TIMEOUT, Some("c")).await,
-        ["a", "b", "c"]
-    );
+    assert_eq!(read_payloads(&uncommitted_reader, TIMEOUT, Some("c")).await, ["a", "b", "c"]);
     // ... while a read_committed reader sees nothing of the open transaction.
-    assert!(
-        read_payloads(&committed_reader, Duration::from_secs(3), None)
-            .await
-            .is_empty()
-    );
+    assert!(read_payloads(&committed_reader, Duration::from_secs(3), None).await.is_empty());
 
     producer.commit_transaction(TIMEOUT).expect("commit");
-    assert_eq!(
-        read_payloads(&committed_reader, TIMEOUT, Some("c")).await,
-        ["a", "b", "c"]
-    );
+    assert_eq!(read_payloads(&committed_reader, TIMEOUT, Some("c")).await, ["a", "b", "c"]);
 
     producer.begin_transaction().expect("begin");
     send(&producer, &topic, "aborted-1").await;
@@ -107,14 +83,7 @@ async fn a_transactional_write_is_visible_to_read_committed_only_after_commit_an
 
     // Reading up to the record committed after the aborted ones proves the aborted ones were
     // skipped, not merely late.
-    assert_eq!(
-        read_payloads(&committed_reader, TIMEOUT, Some("after-abort")).await,
-        ["after-abort"]
-    );
+    assert_eq!(read_payloads(&committed_reader, TIMEOUT, Some("after-abort")).await, ["after-abort"]);
     let raw = read_payloads(&uncommitted_reader, TIMEOUT, Some("after-abort")).await;
-    assert_eq!(
-        raw,
-        ["aborted-1", "aborted-2", "after-abort"],
-        "the aborted records are in the log"
-    );
+    assert_eq!(raw, ["aborted-1", "aborted-2", "after-abort"], "the aborted records are in the log");
 }

@@ -18,11 +18,7 @@ async fn get(url: &str) -> Option<(u16, String)> {
 #[tokio::test]
 async fn a_service_binary_reports_ready_serves_metrics_and_exits_0_on_sigterm() {
     let stack = stack();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let admin = format!("http://127.0.0.1:{port}");
     let binary = escargot::CargoBuild::new()
         .package("usage-ingest")
@@ -40,22 +36,13 @@ async fn a_service_binary_reports_ready_serves_metrics_and_exits_0_on_sigterm() 
         .spawn()
         .expect("start usage-ingest");
 
-    eventually(
-        Duration::from_secs(60),
-        "the service to report ready",
-        || async {
-            get(&format!("{admin}/health/ready"))
-                .await
-                .filter(|(status, _)| *status == 200)
-        },
-    )
+    eventually(Duration::from_secs(60), "the service to report ready", || async {
+        get(&format!("{admin}/health/ready")).await.filter(|(status, _)| *status == 200)
+    })
     .await;
     let (status, metrics) = get(&format!("{admin}/metrics")).await.expect("metrics");
     assert_eq!(status, 200);
-    assert!(
-        metrics.contains(r#"tributary_service_info{service="usage-ingest""#),
-        "{metrics}"
-    );
+    assert!(metrics.contains(r#"tributary_service_info{service="usage-ingest""#), "{metrics}");
 
     let pid = Pid::from_raw(child.id().expect("running") as i32);
     kill(pid, Signal::SIGTERM).expect("send SIGTERM");
@@ -71,17 +58,12 @@ async fn a_service_binary_reports_ready_serves_metrics_and_exits_0_on_sigterm() 
 async fn a_service_runs_in_process_and_stops_when_asked() {
     let stack = stack();
     let config = stack.service_config::<NoSettings>("shape");
-    let service = tributary_runtime::service::spawn::<usage_ingest::App>(config)
-        .await
-        .expect("spawn");
+    let service = tributary_runtime::service::spawn::<usage_ingest::App>(config).await.expect("spawn");
     let ready_url = format!("http://{}/health/ready", service.admin_addr);
     eventually(Duration::from_secs(30), "readiness", || async {
         get(&ready_url).await.filter(|(status, _)| *status == 200)
     })
     .await;
     service.stop().await.expect("clean stop");
-    assert!(
-        get(&ready_url).await.is_none(),
-        "the admin port is closed after stop"
-    );
+    assert!(get(&ready_url).await.is_none(), "the admin port is closed after stop");
 }

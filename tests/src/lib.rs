@@ -13,10 +13,7 @@ use tributary_runtime::config::{KafkaConfig, RegistryConfig, ServiceConfig};
 
 /// Environment variables `make` exports, with the defaults of deploy/local/env.sh.
 const KAFKA_BOOTSTRAP_ENV: (&str, &str) = ("TRIBUTARY_KAFKA_BOOTSTRAP", "127.0.0.1:19092");
-const REGISTRY_URL_ENV: (&str, &str) = (
-    "TRIBUTARY_REGISTRY_URL",
-    "http://127.0.0.1:18081/apis/ccompat/v7",
-);
+const REGISTRY_URL_ENV: (&str, &str) = ("TRIBUTARY_REGISTRY_URL", "http://127.0.0.1:18081/apis/ccompat/v7");
 const TRYTON_URL_ENV: (&str, &str) = ("TRIBUTARY_TRYTON_URL", "http://127.0.0.1:18000/");
 const TRYTON_DB_ENV: (&str, &str) = ("TRIBUTARY_TRYTON_DB", "tributary");
 const TRYTON_USER_ENV: (&str, &str) = ("TRIBUTARY_TRYTON_USER", "admin");
@@ -55,12 +52,7 @@ pub fn stack() -> &'static Stack {
             tryton_user: env_or(TRYTON_USER_ENV),
             tryton_password: env_or(TRYTON_PASSWORD_ENV),
         };
-        let first_broker = stack
-            .bootstrap
-            .split(',')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        let first_broker = stack.bootstrap.split(',').next().unwrap_or_default().to_owned();
         require_listening("Kafka", &first_broker);
         require_listening("the schema registry", &host_port(&stack.registry_url));
         require_listening("Tryton", &host_port(&stack.tryton_url));
@@ -78,9 +70,7 @@ fn require_listening(component: &str, address: &str) {
         .to_socket_addrs()
         .ok()
         .and_then(|mut addrs| addrs.next())
-        .is_some_and(|addr: SocketAddr| {
-            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
-        });
+        .is_some_and(|addr: SocketAddr| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok());
     assert!(
         reachable,
         "{component} is not answering at {address}: the local stack is not running. \
@@ -96,18 +86,12 @@ pub fn unique_name(prefix: &str) -> String {
 impl Stack {
     /// Kafka settings for the local broker.
     pub fn kafka(&self) -> KafkaConfig {
-        KafkaConfig {
-            bootstrap_servers: self.bootstrap.clone(),
-            ..KafkaConfig::default()
-        }
+        KafkaConfig { bootstrap_servers: self.bootstrap.clone(), ..KafkaConfig::default() }
     }
 
     /// Registry settings for the local registry.
     pub fn registry(&self) -> RegistryConfig {
-        RegistryConfig {
-            url: self.registry_url.clone(),
-            ..RegistryConfig::default()
-        }
+        RegistryConfig { url: self.registry_url.clone(), ..RegistryConfig::default() }
     }
 
     /// A service configuration pointed at the stack, with the admin port on an ephemeral port
@@ -127,10 +111,7 @@ impl Stack {
     /// Environment variables that point a service binary at the stack.
     pub fn service_env(&self) -> Vec<(String, String)> {
         vec![
-            (
-                "TRIBUTARY__KAFKA__BOOTSTRAP_SERVERS".into(),
-                self.bootstrap.clone(),
-            ),
+            ("TRIBUTARY__KAFKA__BOOTSTRAP_SERVERS".into(), self.bootstrap.clone()),
             ("TRIBUTARY__REGISTRY__URL".into(), self.registry_url.clone()),
         ]
     }
@@ -147,10 +128,7 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

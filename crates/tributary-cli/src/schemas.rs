@@ -47,7 +47,9 @@ pub(crate) fn check(dir: &Path) -> anyhow::Result<ExitCode> {
         breaks += report.breaks.len();
     }
     if breaks > 0 {
-        println!("\n{breaks} compatibility break(s): FULL_TRANSITIVE requires every change to be readable both ways against every released version.");
+        println!(
+            "\n{breaks} compatibility break(s): FULL_TRANSITIVE requires every change to be readable both ways against every released version."
+        );
         println!("Add fields with defaults, remove only fields that have defaults, and never change a field's type.");
         return Ok(ExitCode::FAILURE);
     }

@@ -37,11 +37,7 @@ pub struct Location {
 impl Location {
     /// A location.
     pub fn new(topic: impl Into<String>, partition: i32, offset: i64) -> Self {
-        Self {
-            topic: topic.into(),
-            partition,
-            offset,
-        }
+        Self { topic: topic.into(), partition, offset }
     }
 }
 
@@ -184,13 +180,7 @@ pub enum EncodeError {
 impl EncodeError {
     /// Whether retrying later can help.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::Resolve {
-                source: ResolveError::Unavailable(_),
-                ..
-            }
-        )
+        matches!(self, Self::Resolve { source: ResolveError::Unavailable(_), .. })
     }
 }
 
@@ -202,9 +192,8 @@ pub fn reader_schema(topic: &str) -> Option<&'static Schema> {
             topics::ALL
                 .iter()
                 .map(|spec| {
-                    let schema = Schema::parse_str(spec.schema).unwrap_or_else(|e| {
-                        panic!("schemas/{}.avsc does not parse: {e}", spec.name)
-                    });
+                    let schema = Schema::parse_str(spec.schema)
+                        .unwrap_or_else(|e| panic!("schemas/{}.avsc does not parse: {e}", spec.name));
                     (spec.name, schema)
                 })
                 .collect()
@@ -215,16 +204,10 @@ pub fn reader_schema(topic: &str) -> Option<&'static Schema> {
 /// Splits a Confluent frame into schema id and Avro body, checking length and magic byte.
 pub fn split_frame<'a>(at: &Location, payload: &'a [u8]) -> Result<(u32, &'a [u8]), DecodeError> {
     if payload.len() < FRAME_HEADER_LEN {
-        return Err(DecodeError::Truncated {
-            at: at.clone(),
-            len: payload.len(),
-        });
+        return Err(DecodeError::Truncated { at: at.clone(), len: payload.len() });
     }
     if payload[0] != MAGIC_BYTE {
-        return Err(DecodeError::WrongMagicByte {
-            at: at.clone(),
-            found: payload[0],
-        });
+        return Err(DecodeError::WrongMagicByte { at: at.clone(), found: payload[0] });
     }
     let id = u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]);
     Ok((id, &payload[FRAME_HEADER_LEN..]))
@@ -235,15 +218,20 @@ pub fn split_frame<'a>(at: &Location, payload: &'a [u8]) -> Result<(u32, &'a [u8
 pub struct Codec {
     resolver: Arc<dyn SchemaResolver>,
     ids: Arc<RwLock<HashMap<String, u32>>>,
+    topic_prefix: String,
 }
 
 impl Codec {
     /// A codec resolving schemas through `resolver`.
     pub fn new(resolver: Arc<dyn SchemaResolver>) -> Self {
-        Self {
-            resolver,
-            ids: Arc::default(),
-        }
+        Self { resolver, ids: Arc::default(), topic_prefix: String::new() }
+    }
+
+    /// The same codec for topics named `<prefix><topic>`: values are registered under the
+    /// subjects of the prefixed names, as TopicNameStrategy wants.
+    pub fn with_topic_prefix(mut self, prefix: &str) -> Self {
+        self.topic_prefix = prefix.to_owned();
+        self
     }
 
     /// The resolver.
@@ -260,10 +248,7 @@ impl Codec {
         let body = GenericDatumWriter::builder(schema)
             .build()
             .and_then(|writer| writer.write_ser_to_vec(value))
-            .map_err(|e| EncodeError::Invalid {
-                topic: spec.name.to_owned(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| EncodeError::Invalid { topic: spec.name.to_owned(), reason: e.to_string() })?;
         let mut framed = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
         framed.push(MAGIC_BYTE);
         framed.extend_from_slice(&id.to_be_bytes());
@@ -277,68 +262,36 @@ impl Codec {
         }
         let id = self
             .resolver
-            .id_for(&topics::value_subject(topic), schema)
+            .id_for(&topics::value_subject(&format!("{}{topic}", self.topic_prefix)), schema)
             .await
-            .map_err(|source| EncodeError::Resolve {
-                topic: topic.to_owned(),
-                source,
-            })?;
-        self.ids
-            .write()
-            .expect("id cache lock")
-            .insert(topic.to_owned(), id);
+            .map_err(|source| EncodeError::Resolve { topic: topic.to_owned(), source })?;
+        self.ids.write().expect("id cache lock").insert(topic.to_owned(), id);
         Ok(id)
     }
 
     /// Decodes a value of `T` read at `at`.
-    pub async fn decode<T: Contract>(
-        &self,
-        at: &Location,
-        payload: &[u8],
-    ) -> Result<T, DecodeError> {
+    pub async fn decode<T: Contract>(&self, at: &Location, payload: &[u8]) -> Result<T, DecodeError> {
         let (id, value, _) = self.decode_value(at, payload).await?;
         let reader = reader_schema(T::TOPIC).expect("a Contract topic has a schema");
         let unresolvable = |reason: String| DecodeError::Unresolvable {
             at: at.clone(),
             id,
-            reader: std::any::type_name::<T>()
-                .rsplit("::")
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
+            reader: std::any::type_name::<T>().rsplit("::").next().unwrap_or_default().to_owned(),
             reason,
         };
-        let value = value
-            .resolve(reader)
-            .map_err(|e| unresolvable(e.to_string()))?;
+        let value = value.resolve(reader).map_err(|e| unresolvable(e.to_string()))?;
         apache_avro::from_value::<T>(&value).map_err(|e| unresolvable(e.to_string()))
     }
 
     /// Decodes any Confluent-framed value with its writer schema, for tools that print what
     /// they read (`tributary tap`): returns the schema id, the value and the writer schema.
-    pub async fn decode_value(
-        &self,
-        at: &Location,
-        payload: &[u8],
-    ) -> Result<(u32, Value, Arc<Schema>), DecodeError> {
+    pub async fn decode_value(&self, at: &Location, payload: &[u8]) -> Result<(u32, Value, Arc<Schema>), DecodeError> {
         let (id, body) = split_frame(at, payload)?;
         let writer = self.resolver.schema_by_id(id).await.map_err(|e| match e {
-            ResolveError::Unavailable(reason) => DecodeError::RegistryUnavailable {
-                at: at.clone(),
-                id,
-                reason,
-            },
-            other => DecodeError::UnknownSchemaId {
-                at: at.clone(),
-                id,
-                reason: other.to_string(),
-            },
+            ResolveError::Unavailable(reason) => DecodeError::RegistryUnavailable { at: at.clone(), id, reason },
+            other => DecodeError::UnknownSchemaId { at: at.clone(), id, reason: other.to_string() },
         })?;
-        let corrupt = |reason: String| DecodeError::Corrupt {
-            at: at.clone(),
-            id,
-            reason,
-        };
+        let corrupt = |reason: String| DecodeError::Corrupt { at: at.clone(), id, reason };
         let mut cursor = Cursor::new(body);
         let value = GenericDatumReader::builder(&writer)
             .build()
@@ -368,10 +321,7 @@ impl InMemoryResolver {
     /// Registers `schema` under `subject`, returning its id (the same id for the same text).
     pub fn register(&self, subject: &str, schema: &str) -> Result<u32, ResolveError> {
         let mut schemas = self.schemas.write().expect("resolver lock");
-        if let Some(index) = schemas
-            .iter()
-            .position(|(s, _, text)| s == subject && text == schema)
-        {
+        if let Some(index) = schemas.iter().position(|(s, _, text)| s == subject && text == schema) {
             return Ok(index as u32 + 1);
         }
         let parsed = Schema::parse_str(schema).map_err(|e| ResolveError::Invalid(e.to_string()))?;

@@ -32,11 +32,7 @@ impl fmt::Display for Break {
             "backward" => "the new schema cannot read records written with",
             _ => "readers of",
         };
-        let tail = if self.direction == "backward" {
-            ""
-        } else {
-            " cannot read records written with the new schema"
-        };
+        let tail = if self.direction == "backward" { "" } else { " cannot read records written with the new schema" };
         writeln!(f, "{}: {what} {}{tail}:", self.topic, self.version)?;
         for reason in &self.reasons {
             writeln!(f, "    - {reason}")?;
@@ -80,32 +76,20 @@ pub enum CheckError {
 }
 
 fn read(path: &Path) -> Result<String, CheckError> {
-    std::fs::read_to_string(path).map_err(|source| CheckError::Io {
-        path: path.to_owned(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| CheckError::Io { path: path.to_owned(), source })
 }
 
 fn parse(path: &Path, text: &str) -> Result<Schema, CheckError> {
-    Schema::parse_str(text).map_err(|e| CheckError::Parse {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })
+    Schema::parse_str(text).map_err(|e| CheckError::Parse { path: path.to_owned(), reason: e.to_string() })
 }
 
 /// Released versions of `topic` under `released_dir/<topic>/v<N>.avsc`, sorted by N.
-pub fn released_versions(
-    released_dir: &Path,
-    topic: &str,
-) -> Result<Vec<(String, PathBuf)>, CheckError> {
+pub fn released_versions(released_dir: &Path, topic: &str) -> Result<Vec<(String, PathBuf)>, CheckError> {
     let dir = released_dir.join(topic);
     if !dir.exists() {
         return Ok(Vec::new());
     }
-    let entries = std::fs::read_dir(&dir).map_err(|source| CheckError::Io {
-        path: dir.clone(),
-        source,
-    })?;
+    let entries = std::fs::read_dir(&dir).map_err(|source| CheckError::Io { path: dir.clone(), source })?;
     let mut versions: Vec<(u32, String, PathBuf)> = entries
         .filter_map(Result::ok)
         .map(|entry| entry.path())
@@ -116,43 +100,23 @@ pub fn released_versions(
         })
         .collect();
     versions.sort();
-    Ok(versions
-        .into_iter()
-        .map(|(_, stem, path)| (stem, path))
-        .collect())
+    Ok(versions.into_iter().map(|(_, stem, path)| (stem, path)).collect())
 }
 
 /// Checks `current` (the text of `schemas/<topic>.avsc`) against every released version.
-pub fn check_topic(
-    topic: &str,
-    current_path: &Path,
-    released_dir: &Path,
-) -> Result<TopicReport, CheckError> {
+pub fn check_topic(topic: &str, current_path: &Path, released_dir: &Path) -> Result<TopicReport, CheckError> {
     let current_text = read(current_path)?;
     let current = parse(current_path, &current_text)?;
-    let mut report = TopicReport {
-        topic: topic.to_owned(),
-        ..TopicReport::default()
-    };
+    let mut report = TopicReport { topic: topic.to_owned(), ..TopicReport::default() };
     let versions = released_versions(released_dir, topic)?;
     for (version, path) in &versions {
         let old_text = read(path)?;
         let old = parse(path, &old_text)?;
         if let Some(reasons) = incompatibility(&old, &current) {
-            report.breaks.push(Break {
-                topic: topic.into(),
-                version: version.clone(),
-                direction: "backward",
-                reasons,
-            });
+            report.breaks.push(Break { topic: topic.into(), version: version.clone(), direction: "backward", reasons });
         }
         if let Some(reasons) = incompatibility(&current, &old) {
-            report.breaks.push(Break {
-                topic: topic.into(),
-                version: version.clone(),
-                direction: "forward",
-                reasons,
-            });
+            report.breaks.push(Break { topic: topic.into(), version: version.clone(), direction: "forward", reasons });
         }
     }
     report.versions = versions.iter().map(|(v, _)| v.clone()).collect();
@@ -178,47 +142,24 @@ pub fn incompatibility(writer: &Schema, reader: &Schema) -> Option<Vec<String>> 
 fn explain(writer: &Schema, reader: &Schema, path: &str, reasons: &mut Vec<String>) {
     match (writer, reader) {
         (Schema::Record(w), Schema::Record(r)) => explain_record(w, r, path, reasons),
-        (Schema::Array(w), Schema::Array(r)) => {
-            explain(&w.items, &r.items, &format!("{path}[]"), reasons)
-        }
-        (Schema::Map(w), Schema::Map(r)) => {
-            explain(&w.types, &r.types, &format!("{path}{{}}"), reasons)
-        }
+        (Schema::Array(w), Schema::Array(r)) => explain(&w.items, &r.items, &format!("{path}[]"), reasons),
+        (Schema::Map(w), Schema::Map(r)) => explain(&w.types, &r.types, &format!("{path}{{}}"), reasons),
         _ => {
             if let Err(error) = SchemaCompatibility::can_read(writer, reader) {
-                let at = if path.is_empty() {
-                    "the value".to_owned()
-                } else {
-                    format!("field `{path}`")
-                };
-                reasons.push(format!(
-                    "{at} changed from {} to {}: {error}",
-                    describe(writer),
-                    describe(reader)
-                ));
+                let at = if path.is_empty() { "the value".to_owned() } else { format!("field `{path}`") };
+                reasons.push(format!("{at} changed from {} to {}: {error}", describe(writer), describe(reader)));
             }
         }
     }
 }
 
-fn explain_record(
-    writer: &RecordSchema,
-    reader: &RecordSchema,
-    path: &str,
-    reasons: &mut Vec<String>,
-) {
+fn explain_record(writer: &RecordSchema, reader: &RecordSchema, path: &str, reasons: &mut Vec<String>) {
     let join = |name: &str| {
-        if path.is_empty() {
-            name.to_owned()
-        } else {
-            format!("{path}.{name}")
-        }
+        if path.is_empty() { name.to_owned() } else { format!("{path}.{name}") }
     };
     for field in &reader.fields {
-        let matching = writer
-            .fields
-            .iter()
-            .find(|w| w.name == field.name || field.aliases.iter().any(|alias| *alias == w.name));
+        let matching =
+            writer.fields.iter().find(|w| w.name == field.name || field.aliases.iter().any(|alias| *alias == w.name));
         match matching {
             Some(w) => explain(&w.schema, &field.schema, &join(&field.name), reasons),
             None if field.default.is_none() => reasons.push(format!(
@@ -236,18 +177,14 @@ fn describe(schema: &Schema) -> String {
     let json = serde_json::to_value(schema).unwrap_or_default();
     let text = match &json {
         serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Object(o) => {
-            match (o.get("logicalType"), o.get("type"), o.get("name")) {
-                (Some(logical), _, _) => logical.as_str().unwrap_or_default().to_owned(),
-                (None, Some(t), Some(name)) => format!(
-                    "{} {}",
-                    t.as_str().unwrap_or_default(),
-                    name.as_str().unwrap_or_default()
-                ),
-                (None, Some(t), None) => t.to_string(),
-                _ => json.to_string(),
+        serde_json::Value::Object(o) => match (o.get("logicalType"), o.get("type"), o.get("name")) {
+            (Some(logical), _, _) => logical.as_str().unwrap_or_default().to_owned(),
+            (None, Some(t), Some(name)) => {
+                format!("{} {}", t.as_str().unwrap_or_default(), name.as_str().unwrap_or_default())
             }
-        }
+            (None, Some(t), None) => t.to_string(),
+            _ => json.to_string(),
+        },
         other => other.to_string(),
     };
     text.chars().take(80).collect()
@@ -278,26 +215,15 @@ mod tests {
         let v2 = V1.replace(r#"{"name":"attempt","type":"int"},"#, "");
         let reasons = full_transitive(V1, &v2);
         assert_eq!(reasons.len(), 1, "{reasons:?}");
-        assert!(
-            reasons[0].contains("field `attempt`") && reasons[0].contains("has no default"),
-            "{reasons:?}"
-        );
+        assert!(reasons[0].contains("field `attempt`") && reasons[0].contains("has no default"), "{reasons:?}");
     }
 
     #[test]
     fn changing_a_field_type_is_refused_and_named() {
-        let v2 = V1.replace(
-            r#""name":"attempt","type":"int""#,
-            r#""name":"attempt","type":"string""#,
-        );
+        let v2 = V1.replace(r#""name":"attempt","type":"int""#, r#""name":"attempt","type":"string""#);
         let reasons = full_transitive(V1, &v2);
         assert!(!reasons.is_empty());
-        assert!(
-            reasons
-                .iter()
-                .all(|r| r.contains("field `attempt` changed from")),
-            "{reasons:?}"
-        );
+        assert!(reasons.iter().all(|r| r.contains("field `attempt` changed from")), "{reasons:?}");
     }
 
     #[test]
@@ -311,18 +237,9 @@ mod tests {
 
     #[test]
     fn widening_int_to_long_is_backward_but_not_forward_compatible() {
-        let v2 = V1.replace(
-            r#""name":"attempt","type":"int""#,
-            r#""name":"attempt","type":"long""#,
-        );
+        let v2 = V1.replace(r#""name":"attempt","type":"int""#, r#""name":"attempt","type":"long""#);
         let (old, new) = (schema(V1), schema(&v2));
-        assert!(
-            incompatibility(&old, &new).is_none(),
-            "a long reader reads int data"
-        );
-        assert!(
-            incompatibility(&new, &old).is_some(),
-            "an int reader cannot read long data"
-        );
+        assert!(incompatibility(&old, &new).is_none(), "a long reader reads int data");
+        assert!(incompatibility(&new, &old).is_some(), "an int reader cannot read long data");
     }
 }

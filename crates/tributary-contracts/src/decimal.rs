@@ -117,8 +117,7 @@ impl From<i64> for Decimal6 {
 impl FromStr for Decimal6 {
     type Err = DecimalError;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let value = Decimal::from_str_exact(text.trim())
-            .map_err(|_| DecimalError::Parse(text.to_owned()))?;
+        let value = Decimal::from_str_exact(text.trim()).map_err(|_| DecimalError::Parse(text.to_owned()))?;
         Self::new(value)
     }
 }
@@ -175,20 +174,9 @@ mod tests {
 
     #[test]
     fn values_round_trip_through_the_wire_form_exactly() {
-        for text in [
-            "0",
-            "0.000001",
-            "-0.000001",
-            "12.5",
-            "-1234567.891011",
-            "999999999999.999999",
-        ] {
+        for text in ["0", "0.000001", "-0.000001", "12.5", "-1234567.891011", "999999999999.999999"] {
             let value = d(text);
-            assert_eq!(
-                Decimal6::from_unscaled_bytes(&value.to_unscaled_bytes()).unwrap(),
-                value,
-                "{text}"
-            );
+            assert_eq!(Decimal6::from_unscaled_bytes(&value.to_unscaled_bytes()).unwrap(), value, "{text}");
         }
         assert_eq!(d("12.50").to_string(), "12.5");
     }
@@ -196,42 +184,17 @@ mod tests {
     #[test]
     fn minimal_length_encodings_from_other_writers_are_read() {
         // 1.5 = 1_500_000 unscaled = 0x16E360; -1 unscaled is 0xFF.
-        assert_eq!(
-            Decimal6::from_unscaled_bytes(&[0x16, 0xE3, 0x60]).unwrap(),
-            d("1.5")
-        );
-        assert_eq!(
-            Decimal6::from_unscaled_bytes(&[0xFF]).unwrap(),
-            d("-0.000001")
-        );
+        assert_eq!(Decimal6::from_unscaled_bytes(&[0x16, 0xE3, 0x60]).unwrap(), d("1.5"));
+        assert_eq!(Decimal6::from_unscaled_bytes(&[0xFF]).unwrap(), d("-0.000001"));
     }
 
     #[test]
     fn values_that_do_not_fit_are_refused() {
-        assert!(matches!(
-            "0.0000001".parse::<Decimal6>(),
-            Err(DecimalError::TooManyPlaces(_))
-        ));
-        assert!(matches!(
-            "1000000000000".parse::<Decimal6>(),
-            Err(DecimalError::OutOfRange(_))
-        ));
-        assert!(matches!(
-            "twelve".parse::<Decimal6>(),
-            Err(DecimalError::Parse(_))
-        ));
-        assert!(matches!(
-            Decimal6::from_unscaled_bytes(&[]),
-            Err(DecimalError::Length(0))
-        ));
-        assert!(matches!(
-            Decimal6::from_unscaled_bytes(&[0x7F; 16]),
-            Err(DecimalError::OutOfRange(_))
-        ));
-        assert_eq!(
-            d("1.500000000"),
-            d("1.5"),
-            "trailing zeros beyond the scale are not a loss"
-        );
+        assert!(matches!("0.0000001".parse::<Decimal6>(), Err(DecimalError::TooManyPlaces(_))));
+        assert!(matches!("1000000000000".parse::<Decimal6>(), Err(DecimalError::OutOfRange(_))));
+        assert!(matches!("twelve".parse::<Decimal6>(), Err(DecimalError::Parse(_))));
+        assert!(matches!(Decimal6::from_unscaled_bytes(&[]), Err(DecimalError::Length(0))));
+        assert!(matches!(Decimal6::from_unscaled_bytes(&[0x7F; 16]), Err(DecimalError::OutOfRange(_))));
+        assert_eq!(d("1.500000000"), d("1.5"), "trailing zeros beyond the scale are not a loss");
     }
 }

@@ -32,12 +32,7 @@ impl Envelope {
     ///
     /// `discriminator` tells apart several outputs of one input (e.g. `threshold-80`); the
     /// event id is a function of the cause, the source and the discriminator only.
-    pub fn caused_by(
-        cause: &Envelope,
-        source: &str,
-        discriminator: &str,
-        occurred_at: DateTime<Utc>,
-    ) -> Self {
+    pub fn caused_by(cause: &Envelope, source: &str, discriminator: &str, occurred_at: DateTime<Utc>) -> Self {
         let name = format!("{source}\u{1f}{}\u{1f}{discriminator}", cause.event_id);
         Self {
             event_id: Uuid::new_v5(&DERIVED_EVENT_NAMESPACE, name.as_bytes()).to_string(),
@@ -51,27 +46,18 @@ impl Envelope {
 
     /// `occurred_at` as a UTC time (the epoch if out of range, which no valid record is).
     pub fn occurred_at_utc(&self) -> DateTime<Utc> {
-        Utc.timestamp_millis_opt(self.occurred_at)
-            .single()
-            .unwrap_or_default()
+        Utc.timestamp_millis_opt(self.occurred_at).single().unwrap_or_default()
     }
 
     /// The CloudEvents headers of a record with this envelope and value type `ce_type`
     /// (the record's full Avro name), plus the correlation id.
     pub fn cloudevents_headers(&self, ce_type: &str) -> Vec<(&'static str, String)> {
         vec![
-            (
-                headers::CE_SPECVERSION,
-                headers::CLOUDEVENTS_VERSION.to_owned(),
-            ),
+            (headers::CE_SPECVERSION, headers::CLOUDEVENTS_VERSION.to_owned()),
             (headers::CE_ID, self.event_id.clone()),
             (headers::CE_TYPE, ce_type.to_owned()),
             (headers::CE_SOURCE, self.source.clone()),
-            (
-                headers::CE_TIME,
-                self.occurred_at_utc()
-                    .to_rfc3339_opts(SecondsFormat::Millis, true),
-            ),
+            (headers::CE_TIME, self.occurred_at_utc().to_rfc3339_opts(SecondsFormat::Millis, true)),
             (headers::CORRELATION_ID, self.correlation_id.clone()),
         ]
     }
@@ -88,10 +74,7 @@ mod tests {
         assert_eq!(cause.correlation_id, cause.event_id);
         let derived = Envelope::caused_by(&cause, "tributary.usage-ingest", "threshold-80", now);
         assert_eq!(derived.correlation_id, cause.correlation_id);
-        assert_eq!(
-            derived.causation_id.as_deref(),
-            Some(cause.event_id.as_str())
-        );
+        assert_eq!(derived.causation_id.as_deref(), Some(cause.event_id.as_str()));
         assert_eq!(derived.account_id, "acct-1");
         assert_ne!(derived.event_id, cause.event_id);
     }
@@ -109,18 +92,9 @@ mod tests {
 
     #[test]
     fn cloudevents_headers_mirror_the_envelope() {
-        let cause = Envelope::originating(
-            "platform",
-            "acct-1",
-            Utc.timestamp_millis_opt(1_700_000_000_123).unwrap(),
-        );
+        let cause = Envelope::originating("platform", "acct-1", Utc.timestamp_millis_opt(1_700_000_000_123).unwrap());
         let headers = cause.cloudevents_headers("io.tributary.usage.UsageEvent");
-        let get = |name| {
-            headers
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.as_str())
-        };
+        let get = |name| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str());
         assert_eq!(get(headers::CE_ID), Some(cause.event_id.as_str()));
         assert_eq!(get(headers::CE_TIME), Some("2023-11-14T22:13:20.123Z"));
         assert_eq!(get(headers::CE_TYPE), Some("io.tributary.usage.UsageEvent"));

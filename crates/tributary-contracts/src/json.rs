@@ -15,9 +15,7 @@ use serde_json::{Map, Value as Json, json};
 
 /// `value` (written with `schema`) as JSON.
 pub fn value_to_json(value: &Value, schema: &Schema) -> Json {
-    let names = ResolvedSchema::try_from(schema)
-        .map(|r| r.get_names().clone())
-        .unwrap_or_default();
+    let names = ResolvedSchema::try_from(schema).map(|r| r.get_names().clone()).unwrap_or_default();
     walk(value, schema, &names)
 }
 
@@ -27,49 +25,33 @@ fn walk(value: &Value, schema: &Schema, names: &NamesRef<'_>) -> Json {
         other => other,
     };
     match (value, schema) {
-        (Value::Union(index, inner), Schema::Union(union)) => {
-            match union.variants().get(*index as usize) {
-                Some(variant) => walk(inner, variant, names),
-                None => walk(inner, &Schema::Null, names),
-            }
-        }
+        (Value::Union(index, inner), Schema::Union(union)) => match union.variants().get(*index as usize) {
+            Some(variant) => walk(inner, variant, names),
+            None => walk(inner, &Schema::Null, names),
+        },
         (Value::Union(_, inner), other) => walk(inner, other, names),
         (Value::Record(fields), Schema::Record(record)) => {
             let mut object = Map::new();
             for (name, field_value) in fields {
-                let field_schema = record
-                    .lookup
-                    .get(name)
-                    .map(|&i| &record.fields[i].schema)
-                    .unwrap_or(&Schema::Null);
+                let field_schema = record.lookup.get(name).map(|&i| &record.fields[i].schema).unwrap_or(&Schema::Null);
                 object.insert(name.clone(), walk(field_value, field_schema, names));
             }
             Json::Object(object)
         }
-        (Value::Array(items), Schema::Array(array)) => Json::Array(
-            items
-                .iter()
-                .map(|item| walk(item, &array.items, names))
-                .collect(),
-        ),
+        (Value::Array(items), Schema::Array(array)) => {
+            Json::Array(items.iter().map(|item| walk(item, &array.items, names)).collect())
+        }
         (Value::Map(entries), Schema::Map(map)) => {
             let mut sorted: Vec<_> = entries.iter().collect();
             sorted.sort_by(|a, b| a.0.cmp(b.0));
-            Json::Object(
-                sorted
-                    .into_iter()
-                    .map(|(k, v)| (k.clone(), walk(v, &map.types, names)))
-                    .collect(),
-            )
+            Json::Object(sorted.into_iter().map(|(k, v)| (k.clone(), walk(v, &map.types, names))).collect())
         }
         (Value::Decimal(decimal), Schema::Decimal(decimal_schema)) => {
             let bytes = Vec::<u8>::try_from(decimal).unwrap_or_default();
-            decimal_string(&bytes, decimal_schema.scale as u32)
-                .map_or_else(|| json!(base64_of(&bytes)), Json::String)
+            decimal_string(&bytes, decimal_schema.scale as u32).map_or_else(|| json!(base64_of(&bytes)), Json::String)
         }
         (Value::Bytes(bytes), Schema::Decimal(decimal_schema)) => {
-            decimal_string(bytes, decimal_schema.scale as u32)
-                .map_or_else(|| json!(base64_of(bytes)), Json::String)
+            decimal_string(bytes, decimal_schema.scale as u32).map_or_else(|| json!(base64_of(bytes)), Json::String)
         }
         (value, _) => scalar(value, names, schema),
     }
@@ -80,22 +62,15 @@ fn scalar(value: &Value, names: &NamesRef<'_>, schema: &Schema) -> Json {
         Value::Null => Json::Null,
         Value::Boolean(b) => json!(b),
         Value::Int(i) | Value::TimeMillis(i) => json!(i),
-        Value::Long(l)
-        | Value::TimeMicros(l)
-        | Value::TimestampMicros(l)
-        | Value::TimestampNanos(l) => json!(l),
+        Value::Long(l) | Value::TimeMicros(l) | Value::TimestampMicros(l) | Value::TimestampNanos(l) => json!(l),
         Value::LocalTimestampMicros(l) | Value::LocalTimestampNanos(l) => json!(l),
         Value::Float(f) => json!(f),
         Value::Double(d) => json!(d),
         Value::String(s) => json!(s),
         Value::Enum(_, symbol) => json!(symbol),
         Value::Bytes(bytes) | Value::Fixed(_, bytes) => json!(base64_of(bytes)),
-        Value::TimestampMillis(ms) | Value::LocalTimestampMillis(ms) => {
-            DateTime::from_timestamp_millis(*ms).map_or_else(
-                || json!(ms),
-                |t| json!(t.to_rfc3339_opts(SecondsFormat::Millis, true)),
-            )
-        }
+        Value::TimestampMillis(ms) | Value::LocalTimestampMillis(ms) => DateTime::from_timestamp_millis(*ms)
+            .map_or_else(|| json!(ms), |t| json!(t.to_rfc3339_opts(SecondsFormat::Millis, true))),
         Value::Date(days) => NaiveDate::from_ymd_opt(1970, 1, 1)
             .and_then(|epoch| epoch.checked_add_signed(TimeDelta::days(i64::from(*days))))
             .map_or_else(|| json!(days), |d| json!(d.to_string())),
@@ -103,23 +78,11 @@ fn scalar(value: &Value, names: &NamesRef<'_>, schema: &Schema) -> Json {
         Value::BigDecimal(big) => json!(big.to_string()),
         // Containers only reach here when value and schema disagree; print them schema-less.
         Value::Union(_, inner) => walk(inner, schema, names),
-        Value::Array(items) => Json::Array(
-            items
-                .iter()
-                .map(|i| scalar(i, names, &Schema::Null))
-                .collect(),
-        ),
-        Value::Map(m) => Json::Object(
-            m.iter()
-                .map(|(k, v)| (k.clone(), scalar(v, names, &Schema::Null)))
-                .collect(),
-        ),
-        Value::Record(fields) => Json::Object(
-            fields
-                .iter()
-                .map(|(k, v)| (k.clone(), scalar(v, names, &Schema::Null)))
-                .collect(),
-        ),
+        Value::Array(items) => Json::Array(items.iter().map(|i| scalar(i, names, &Schema::Null)).collect()),
+        Value::Map(m) => Json::Object(m.iter().map(|(k, v)| (k.clone(), scalar(v, names, &Schema::Null))).collect()),
+        Value::Record(fields) => {
+            Json::Object(fields.iter().map(|(k, v)| (k.clone(), scalar(v, names, &Schema::Null))).collect())
+        }
         Value::Decimal(d) => json!(base64_of(&Vec::<u8>::try_from(d).unwrap_or_default())),
         Value::Duration(d) => json!(format!("{d:?}")),
     }
@@ -135,9 +98,7 @@ fn decimal_string(bytes: &[u8], scale: u32) -> Option<String> {
     let mut buffer = [fill; 16];
     buffer[16 - bytes.len()..].copy_from_slice(bytes);
     let unscaled = i128::from_be_bytes(buffer);
-    Decimal::try_from_i128_with_scale(unscaled, scale)
-        .ok()
-        .map(|d| d.normalize().to_string())
+    Decimal::try_from_i128_with_scale(unscaled, scale).ok().map(|d| d.normalize().to_string())
 }
 
 fn base64_of(bytes: &[u8]) -> String {
@@ -159,18 +120,10 @@ mod tests {
         )
         .unwrap();
         let value = Value::Record(vec![
-            (
-                "amount".into(),
-                Value::Decimal(apache_avro::Decimal::from(
-                    12_500_000_i64.to_be_bytes().to_vec(),
-                )),
-            ),
+            ("amount".into(), Value::Decimal(apache_avro::Decimal::from(12_500_000_i64.to_be_bytes().to_vec()))),
             ("at".into(), Value::TimestampMillis(1_700_000_000_123)),
             ("day".into(), Value::Date(19_000)),
-            (
-                "note".into(),
-                Value::Union(1, Box::new(Value::String("hi".into()))),
-            ),
+            ("note".into(), Value::Union(1, Box::new(Value::String("hi".into())))),
         ]);
         assert_eq!(
             value_to_json(&value, &schema),
@@ -180,17 +133,8 @@ mod tests {
 
     #[test]
     fn negative_and_large_decimals_are_exact() {
-        assert_eq!(
-            decimal_string(&(-1_i64).to_be_bytes(), 6).unwrap(),
-            "-0.000001"
-        );
-        assert_eq!(
-            decimal_string(&999_999_999_999_999_999_i64.to_be_bytes(), 6).unwrap(),
-            "999999999999.999999"
-        );
-        assert_eq!(
-            decimal_string(&1_000_000_000_000_i64.to_be_bytes(), 6).unwrap(),
-            "1000000"
-        );
+        assert_eq!(decimal_string(&(-1_i64).to_be_bytes(), 6).unwrap(), "-0.000001");
+        assert_eq!(decimal_string(&999_999_999_999_999_999_i64.to_be_bytes(), 6).unwrap(), "999999999999.999999");
+        assert_eq!(decimal_string(&1_000_000_000_000_i64.to_be_bytes(), 6).unwrap(), "1000000");
     }
 }

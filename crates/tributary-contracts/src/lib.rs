@@ -24,12 +24,7 @@ pub mod samples;
 pub mod topics;
 
 /// Types generated from `schemas/*.avsc` by rsgen-avro.
-#[allow(
-    missing_docs,
-    clippy::all,
-    unreachable_pub,
-    missing_debug_implementations
-)]
+#[allow(missing_docs, clippy::all, unreachable_pub, missing_debug_implementations)]
 pub mod types {
     include!(concat!(env!("OUT_DIR"), "/contracts.rs"));
 }

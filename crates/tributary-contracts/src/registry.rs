@@ -7,9 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use apache_avro::Schema;
-use schema_registry_converter::async_impl::schema_registry::{
-    SrSettings, get_schema_by_id, post_schema,
-};
+use schema_registry_converter::async_impl::schema_registry::{SrSettings, get_schema_by_id, post_schema};
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 
@@ -30,27 +28,19 @@ pub struct RegistryClient {
 
 impl std::fmt::Debug for RegistryClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegistryClient")
-            .field("url", &self.url)
-            .finish_non_exhaustive()
+        f.debug_struct("RegistryClient").field("url", &self.url).finish_non_exhaustive()
     }
 }
 
 impl RegistryClient {
     /// A client of the registry at `url` (the base of its Confluent-compatible API).
-    pub fn new(
-        url: &str,
-        username: Option<&str>,
-        password: Option<&str>,
-    ) -> Result<Self, ResolveError> {
+    pub fn new(url: &str, username: Option<&str>, password: Option<&str>) -> Result<Self, ResolveError> {
         let url = url.trim_end_matches('/').to_owned();
         let mut builder = SrSettings::new_builder(url.clone());
         if let Some(user) = username {
             builder.set_basic_authorization(user, password);
         }
-        let settings = builder
-            .build()
-            .map_err(|e| ResolveError::Invalid(e.to_string()))?;
+        let settings = builder.build().map_err(|e| ResolveError::Invalid(e.to_string()))?;
         Ok(Self {
             url,
             settings,
@@ -76,37 +66,24 @@ impl RegistryClient {
             .put(format!("{}/config/{subject}", self.url))
             .header("Content-Type", "application/vnd.schemaregistry.v1+json")
             .json(&serde_json::json!({ "compatibility": level }));
-        let response = self
-            .authorized(request)
-            .send()
-            .await
-            .map_err(|e| ResolveError::Unavailable(e.to_string()))?;
+        let response = self.authorized(request).send().await.map_err(|e| ResolveError::Unavailable(e.to_string()))?;
         let status = response.status();
         if status.is_success() {
             Ok(())
         } else {
             let body = response.text().await.unwrap_or_default();
-            Err(ResolveError::Refused(format!(
-                "PUT /config/{subject}: {status}: {body}"
-            )))
+            Err(ResolveError::Refused(format!("PUT /config/{subject}: {status}: {body}")))
         }
     }
 
     /// The compatibility level set on `subject` itself, if any.
     pub async fn compatibility(&self, subject: &str) -> Result<Option<String>, ResolveError> {
         let request = self.http.get(format!("{}/config/{subject}", self.url));
-        let response = self
-            .authorized(request)
-            .send()
-            .await
-            .map_err(|e| ResolveError::Unavailable(e.to_string()))?;
+        let response = self.authorized(request).send().await.map_err(|e| ResolveError::Unavailable(e.to_string()))?;
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        let body: serde_json::Value = response
-            .json()
-            .await
-            .map_err(|e| ResolveError::Invalid(e.to_string()))?;
+        let body: serde_json::Value = response.json().await.map_err(|e| ResolveError::Invalid(e.to_string()))?;
         Ok(body
             .get("compatibilityLevel")
             .or_else(|| body.get("compatibility"))
@@ -122,16 +99,9 @@ impl RegistryClient {
     }
 }
 
-async fn register_schema(
-    settings: &SrSettings,
-    subject: &str,
-    schema: &str,
-) -> Result<u32, ResolveError> {
+async fn register_schema(settings: &SrSettings, subject: &str, schema: &str) -> Result<u32, ResolveError> {
     let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema.to_owned());
-    post_schema(settings, subject.to_owned(), supplied)
-        .await
-        .map(|registered| registered.id)
-        .map_err(classify)
+    post_schema(settings, subject.to_owned(), supplied).await.map(|registered| registered.id).map_err(classify)
 }
 
 fn classify(error: SRCError) -> ResolveError {
@@ -159,10 +129,7 @@ pub struct RegistryResolver {
 impl RegistryResolver {
     /// A resolver using `client`.
     pub fn new(client: RegistryClient) -> Self {
-        Self {
-            client,
-            by_id: Arc::default(),
-        }
+        Self { client, by_id: Arc::default() }
     }
 }
 
@@ -172,23 +139,12 @@ impl SchemaResolver for RegistryResolver {
         if let Some(schema) = self.by_id.read().expect("schema cache lock").get(&id) {
             return Ok(schema.clone());
         }
-        let registered = get_schema_by_id(id, self.client.settings())
-            .await
-            .map_err(classify)?;
+        let registered = get_schema_by_id(id, self.client.settings()).await.map_err(classify)?;
         if registered.schema_type != SchemaType::Avro {
-            return Err(ResolveError::Invalid(format!(
-                "schema {id} is {:?}, not Avro",
-                registered.schema_type
-            )));
+            return Err(ResolveError::Invalid(format!("schema {id} is {:?}, not Avro", registered.schema_type)));
         }
-        let schema = Arc::new(
-            Schema::parse_str(&registered.schema)
-                .map_err(|e| ResolveError::Invalid(e.to_string()))?,
-        );
-        self.by_id
-            .write()
-            .expect("schema cache lock")
-            .insert(id, schema.clone());
+        let schema = Arc::new(Schema::parse_str(&registered.schema).map_err(|e| ResolveError::Invalid(e.to_string()))?);
+        self.by_id.write().expect("schema cache lock").insert(id, schema.clone());
         Ok(schema)
     }
 

@@ -22,9 +22,7 @@ pub enum Fill {
 
 /// A sample value of `schema`; `seed` varies the values between samples.
 pub fn sample(schema: &Schema, fill: Fill, seed: i64) -> Value {
-    let names = ResolvedSchema::try_from(schema)
-        .map(|r| r.get_names().clone())
-        .unwrap_or_default();
+    let names = ResolvedSchema::try_from(schema).map(|r| r.get_names().clone()).unwrap_or_default();
     let mut counter = seed.rem_euclid(1_000) * 1_000;
     generate(schema, fill, &names, &mut counter)
 }
@@ -50,51 +48,32 @@ fn generate(schema: &Schema, fill: Fill, names: &NamesRef<'_>, n: &mut i64) -> V
         Schema::TimestampMillis => Value::TimestampMillis(1_750_000_000_000 + k * 1_000),
         Schema::Decimal(_) => {
             // k * 1.234567, with scale 6: exercises both integer and fraction digits.
-            Value::Decimal(apache_avro::Decimal::from(
-                (k * 1_234_567).to_be_bytes().to_vec(),
-            ))
+            Value::Decimal(apache_avro::Decimal::from((k * 1_234_567).to_be_bytes().to_vec()))
         }
         Schema::Enum(e) => {
             // The last symbol: not the default, so a silent fallback to the default shows.
             let index = e.symbols.len().saturating_sub(1);
-            Value::Enum(
-                index as u32,
-                e.symbols.get(index).cloned().unwrap_or_default(),
-            )
+            Value::Enum(index as u32, e.symbols.get(index).cloned().unwrap_or_default())
         }
         Schema::Union(union) => {
             let variants = union.variants();
             let null = variants.iter().position(|v| matches!(v, Schema::Null));
             let index = match (fill, null) {
                 (Fill::Minimal, Some(null)) => null,
-                _ => variants
-                    .iter()
-                    .position(|v| !matches!(v, Schema::Null))
-                    .unwrap_or(0),
+                _ => variants.iter().position(|v| !matches!(v, Schema::Null)).unwrap_or(0),
             };
-            Value::Union(
-                index as u32,
-                Box::new(generate(&variants[index], fill, names, n)),
-            )
+            Value::Union(index as u32, Box::new(generate(&variants[index], fill, names, n)))
         }
         Schema::Array(array) => Value::Array(match fill {
-            Fill::Full => (0..2)
-                .map(|_| generate(&array.items, fill, names, n))
-                .collect(),
+            Fill::Full => (0..2).map(|_| generate(&array.items, fill, names, n)).collect(),
             Fill::Minimal => Vec::new(),
         }),
         Schema::Map(map) => Value::Map(match fill {
-            Fill::Full => (1..=2)
-                .map(|i| (format!("key{i}"), generate(&map.types, fill, names, n)))
-                .collect(),
+            Fill::Full => (1..=2).map(|i| (format!("key{i}"), generate(&map.types, fill, names, n))).collect(),
             Fill::Minimal => HashMap::new(),
         }),
         Schema::Record(record) => Value::Record(
-            record
-                .fields
-                .iter()
-                .map(|field| (field.name.clone(), generate(&field.schema, fill, names, n)))
-                .collect(),
+            record.fields.iter().map(|field| (field.name.clone(), generate(&field.schema, fill, names, n))).collect(),
         ),
         // Types the contracts do not use; a null shows up as a mismatch if one ever appears.
         _ => Value::Null,

@@ -84,11 +84,7 @@ impl TopicSpec {
 
 macro_rules! topic {
     ($name:expr, $file:literal, $key:expr) => {
-        TopicSpec {
-            name: $name,
-            schema: include_str!(concat!("../../../schemas/", $file, ".avsc")),
-            key: $key,
-        }
+        TopicSpec { name: $name, schema: include_str!(concat!("../../../schemas/", $file, ".avsc")), key: $key }
     };
 }
 
@@ -98,51 +94,19 @@ pub const ALL: &[TopicSpec] = &[
     topic!(USAGE_RECORDED, "usage.recorded", KeyKind::AccountId),
     topic!(USAGE_THRESHOLDS, "usage.thresholds", KeyKind::AccountId),
     topic!(USAGE_LATE, "usage.late", KeyKind::AccountId),
-    topic!(
-        REFDATA_CUSTOMERS,
-        "refdata.customers",
-        KeyKind::EntityId("customer_id")
-    ),
-    topic!(
-        REFDATA_CONTRACTS,
-        "refdata.contracts",
-        KeyKind::EntityId("contract_id")
-    ),
-    topic!(
-        REFDATA_PRICE_PLANS,
-        "refdata.price-plans",
-        KeyKind::EntityId("price_plan_id")
-    ),
+    topic!(REFDATA_CUSTOMERS, "refdata.customers", KeyKind::EntityId("customer_id")),
+    topic!(REFDATA_CONTRACTS, "refdata.contracts", KeyKind::EntityId("contract_id")),
+    topic!(REFDATA_PRICE_PLANS, "refdata.price-plans", KeyKind::EntityId("price_plan_id")),
     topic!(BILLING_INVOICES, "billing.invoices", KeyKind::AccountId),
     topic!(BILLING_PAYMENTS, "billing.payments", KeyKind::AccountId),
     topic!(BILLING_CHARGES, "billing.charges", KeyKind::AccountId),
     topic!(ERP_POSTINGS, "erp.postings", KeyKind::AccountId),
-    topic!(
-        ERP_POSTING_RESULTS,
-        "erp.posting-results",
-        KeyKind::AccountId
-    ),
-    topic!(
-        ENTITLEMENT_CHANGES,
-        "entitlement.changes",
-        KeyKind::AccountId
-    ),
+    topic!(ERP_POSTING_RESULTS, "erp.posting-results", KeyKind::AccountId),
+    topic!(ENTITLEMENT_CHANGES, "entitlement.changes", KeyKind::AccountId),
     topic!(SUPPORT_CASES, "support.cases", KeyKind::AccountId),
-    topic!(
-        SUPPORT_ACCOUNT_FLAGS,
-        "support.account-flags",
-        KeyKind::AccountId
-    ),
-    topic!(
-        CRM_ACCOUNT_UPDATES,
-        "crm.account-updates",
-        KeyKind::AccountId
-    ),
-    topic!(
-        RENEWAL_NOTIFICATIONS,
-        "renewal.notifications",
-        KeyKind::AccountId
-    ),
+    topic!(SUPPORT_ACCOUNT_FLAGS, "support.account-flags", KeyKind::AccountId),
+    topic!(CRM_ACCOUNT_UPDATES, "crm.account-updates", KeyKind::AccountId),
+    topic!(RENEWAL_NOTIFICATIONS, "renewal.notifications", KeyKind::AccountId),
 ];
 
 /// The spec of `topic`, if it is one of the contracts.
@@ -151,9 +115,7 @@ pub fn spec(topic: &str) -> Option<&'static TopicSpec> {
 }
 
 /// A value type of one contract topic.
-pub trait Contract:
-    serde::Serialize + serde::de::DeserializeOwned + Clone + std::fmt::Debug + Send + Sync
-{
+pub trait Contract: serde::Serialize + serde::de::DeserializeOwned + Clone + std::fmt::Debug + Send + Sync {
     /// The topic this type is the value of.
     const TOPIC: &'static str;
     /// The record's envelope.

@@ -18,27 +18,13 @@ fn codec() -> Codec {
 fn typed_sample<T: Contract>(fill: Fill, seed: i64) -> T {
     let schema = reader_schema(T::TOPIC).unwrap();
     let value = sample(schema, fill, seed);
-    let typed: T = apache_avro::from_value(&value).unwrap_or_else(|e| {
-        panic!(
-            "{}: schema sample does not fit the Rust type: {e}",
-            T::TOPIC
-        )
-    });
+    let typed: T = apache_avro::from_value(&value)
+        .unwrap_or_else(|e| panic!("{}: schema sample does not fit the Rust type: {e}", T::TOPIC));
     let back = apache_avro::to_value(&typed)
         .unwrap()
         .resolve(schema)
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: the Rust type's value does not fit the schema: {e}",
-                T::TOPIC
-            )
-        });
-    assert_eq!(
-        back,
-        value,
-        "{}: Rust type and schema disagree ({fill:?})",
-        T::TOPIC
-    );
+        .unwrap_or_else(|e| panic!("{}: the Rust type's value does not fit the schema: {e}", T::TOPIC));
+    assert_eq!(back, value, "{}: Rust type and schema disagree ({fill:?})", T::TOPIC);
     typed
 }
 
@@ -70,11 +56,7 @@ fn every_topic_of_the_design_has_a_contract_and_a_parsed_schema() {
     for spec in topics::ALL {
         let schema = reader_schema(spec.name).unwrap();
         let json = serde_json::to_value(schema).unwrap();
-        assert_eq!(
-            json["fields"][0]["name"], "envelope",
-            "{}: the envelope comes first",
-            spec.name
-        );
+        assert_eq!(json["fields"][0]["name"], "envelope", "{}: the envelope comes first", spec.name);
     }
 }
 
@@ -85,59 +67,33 @@ async fn framing_errors_are_typed_and_name_the_record() {
     let decode = |bytes: Vec<u8>| {
         let codec = codec.clone();
         let at = at.clone();
-        async move {
-            codec
-                .decode::<types::UsageEvent>(&at, &bytes)
-                .await
-                .unwrap_err()
-        }
+        async move { codec.decode::<types::UsageEvent>(&at, &bytes).await.unwrap_err() }
     };
 
     let error = decode(vec![0, 0, 0]).await;
-    assert!(
-        matches!(error, DecodeError::Truncated { len: 3, .. }),
-        "{error}"
-    );
+    assert!(matches!(error, DecodeError::Truncated { len: 3, .. }), "{error}");
     assert!(error.to_string().contains("usage.events[3]@17"), "{error}");
 
     let error = decode(b"{\"json\": true}".to_vec()).await;
-    assert!(
-        matches!(error, DecodeError::WrongMagicByte { found: b'{', .. }),
-        "{error}"
-    );
+    assert!(matches!(error, DecodeError::WrongMagicByte { found: b'{', .. }), "{error}");
 
     let error = decode(vec![0, 0, 0, 0, 99, 1, 2]).await;
-    assert!(
-        matches!(error, DecodeError::UnknownSchemaId { id: 99, .. }),
-        "{error}"
-    );
+    assert!(matches!(error, DecodeError::UnknownSchemaId { id: 99, .. }), "{error}");
 
-    let good = codec
-        .encode(&typed_sample::<types::UsageEvent>(Fill::Full, 3))
-        .await
-        .unwrap();
+    let good = codec.encode(&typed_sample::<types::UsageEvent>(Fill::Full, 3)).await.unwrap();
     let error = decode(good[..good.len() / 2].to_vec()).await;
     assert!(matches!(error, DecodeError::Corrupt { .. }), "{error}");
     let mut trailing = good.clone();
     trailing.push(0);
-    assert!(matches!(
-        decode(trailing).await,
-        DecodeError::Corrupt { .. }
-    ));
+    assert!(matches!(decode(trailing).await, DecodeError::Corrupt { .. }));
 }
 
 #[tokio::test]
 async fn a_record_of_another_topic_is_unresolvable_not_misread() {
     let codec = codec();
-    let payment = codec
-        .encode(&typed_sample::<types::Payment>(Fill::Full, 4))
-        .await
-        .unwrap();
+    let payment = codec.encode(&typed_sample::<types::Payment>(Fill::Full, 4)).await.unwrap();
     let at = Location::new(USAGE_EVENTS, 0, 1);
-    let error = codec
-        .decode::<types::UsageEvent>(&at, &payment)
-        .await
-        .unwrap_err();
+    let error = codec.decode::<types::UsageEvent>(&at, &payment).await.unwrap_err();
     assert!(matches!(error, DecodeError::Unresolvable { .. }), "{error}");
 }
 
@@ -146,10 +102,7 @@ async fn no_input_bytes_make_the_decoder_panic() {
     // A deterministic pseudo-random walk over frames: valid header, random body; random
     // header; mutations of a valid record. Every outcome must be Ok or a typed error.
     let codec = codec();
-    let valid = codec
-        .encode(&typed_sample::<types::ErpPosting>(Fill::Full, 5))
-        .await
-        .unwrap();
+    let valid = codec.encode(&typed_sample::<types::ErpPosting>(Fill::Full, 5)).await.unwrap();
     let mut state: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = || {
         state ^= state << 13;
@@ -181,12 +134,6 @@ async fn no_input_bytes_make_the_decoder_panic() {
 #[test]
 fn samples_fill_every_field() {
     let schema = reader_schema(BILLING_PAYMENTS).unwrap();
-    let Value::Record(fields) = sample(schema, Fill::Full, 1) else {
-        panic!("a record")
-    };
-    assert!(
-        fields
-            .iter()
-            .all(|(_, v)| !matches!(v, Value::Union(_, inner) if **inner == Value::Null))
-    );
+    let Value::Record(fields) = sample(schema, Fill::Full, 1) else { panic!("a record") };
+    assert!(fields.iter().all(|(_, v)| !matches!(v, Value::Union(_, inner) if **inner == Value::Null)));
 }

@@ -35,8 +35,7 @@ pub const DEFAULT_BOOTSTRAP_SERVERS: &str = "127.0.0.1:19092";
 /// Default registry: the Apicurio Registry that `make up` starts, through its Confluent API.
 pub const DEFAULT_REGISTRY_URL: &str = "http://127.0.0.1:18081/apis/ccompat/v7";
 /// librdkafka property names whose values are secrets and never logged.
-const SECRET_PROPERTY_MARKERS: [&str; 4] =
-    ["password", "secret", "sasl.oauthbearer.config", "key.pem"];
+const SECRET_PROPERTY_MARKERS: [&str; 4] = ["password", "secret", "sasl.oauthbearer.config", "key.pem"];
 
 /// Kafka connection settings.
 #[derive(Clone, Deserialize, Serialize)]
@@ -55,6 +54,9 @@ pub struct KafkaConfig {
     /// Replication factor of topics the service creates. 1 suits the local single broker; a
     /// production cluster wants 3.
     pub replication_factor: i32,
+    /// Prefix of every topic name the service reads or writes (`staging.` gives
+    /// `staging.usage.events`), for several environments on one cluster; empty by default.
+    pub topic_prefix: String,
     /// Extra librdkafka properties (security.protocol, sasl.*, ssl.*), passed through as is.
     pub properties: BTreeMap<String, String>,
 }
@@ -67,6 +69,7 @@ impl Default for KafkaConfig {
             transactional_id_prefix: None,
             partitions: 3,
             replication_factor: 1,
+            topic_prefix: String::new(),
             properties: BTreeMap::new(),
         }
     }
@@ -77,16 +80,7 @@ impl fmt::Debug for KafkaConfig {
         let properties: BTreeMap<&str, &str> = self
             .properties
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str(),
-                    if is_secret_property(k) {
-                        "<redacted>"
-                    } else {
-                        v.as_str()
-                    },
-                )
-            })
+            .map(|(k, v)| (k.as_str(), if is_secret_property(k) { "<redacted>" } else { v.as_str() }))
             .collect();
         f.debug_struct("KafkaConfig")
             .field("bootstrap_servers", &self.bootstrap_servers)
@@ -94,16 +88,22 @@ impl fmt::Debug for KafkaConfig {
             .field("transactional_id_prefix", &self.transactional_id_prefix)
             .field("partitions", &self.partitions)
             .field("replication_factor", &self.replication_factor)
+            .field("topic_prefix", &self.topic_prefix)
             .field("properties", &properties)
             .finish()
     }
 }
 
+impl KafkaConfig {
+    /// The physical name of `topic` on the cluster: the configured prefix and the name.
+    pub fn topic(&self, topic: &str) -> String {
+        format!("{}{topic}", self.topic_prefix)
+    }
+}
+
 /// Whether a librdkafka property holds a secret.
 pub fn is_secret_property(name: &str) -> bool {
-    SECRET_PROPERTY_MARKERS
-        .iter()
-        .any(|marker| name.contains(marker))
+    SECRET_PROPERTY_MARKERS.iter().any(|marker| name.contains(marker))
 }
 
 /// Schema registry settings (any Confluent-compatible registry).
@@ -120,11 +120,7 @@ pub struct RegistryConfig {
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        Self {
-            url: DEFAULT_REGISTRY_URL.into(),
-            username: None,
-            password: None,
-        }
+        Self { url: DEFAULT_REGISTRY_URL.into(), username: None, password: None }
     }
 }
 
@@ -171,11 +167,7 @@ impl Default for RetryConfig {
     fn default() -> Self {
         // 100 ms doubling to 5 s over 8 attempts waits about 13 s in all: long enough to ride out
         // a broker leader election, short enough not to stall a partition for minutes.
-        Self {
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
-            max_attempts: 8,
-        }
+        Self { initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5), max_attempts: 8 }
     }
 }
 
@@ -201,6 +193,9 @@ pub struct RuntimeConfig {
     pub tick_interval: Duration,
     /// Transient-failure retries.
     pub retry: RetryConfig,
+    /// A stable name of this instance, part of its transactional id: a restarted instance
+    /// with the same name fences its predecessor. Defaults to `HOSTNAME` (the pod name).
+    pub instance_id: String,
 }
 
 impl Default for RuntimeConfig {
@@ -216,6 +211,7 @@ impl Default for RuntimeConfig {
             shutdown_grace: Duration::from_secs(20),
             tick_interval: Duration::from_secs(1),
             retry: RetryConfig::default(),
+            instance_id: std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
         }
     }
 }
@@ -290,18 +286,12 @@ impl ConfigSource {
     /// The process environment, and the file named by `file` or by `TRIBUTARY_CONFIG`.
     pub fn from_process(file: Option<PathBuf>) -> Self {
         let file = file.or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
-        Self {
-            file,
-            env: std::env::vars().collect(),
-        }
+        Self { file, env: std::env::vars().collect() }
     }
 
     /// Given variables and an optional file; for tests.
     pub fn new(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Self {
-        Self {
-            file: file.map(Path::to_path_buf),
-            env: env.into_iter().collect(),
-        }
+        Self { file: file.map(Path::to_path_buf), env: env.into_iter().collect() }
     }
 
     /// Loads the configuration of `service` (its section is the name with `-` as `_`).
@@ -309,10 +299,7 @@ impl ConfigSource {
         let mut figment = Figment::new();
         if let Some(file) = &self.file {
             if !file.exists() {
-                return Err(ConfigErrors(vec![format!(
-                    "configuration file {} does not exist",
-                    file.display()
-                )]));
+                return Err(ConfigErrors(vec![format!("configuration file {} does not exist", file.display())]));
             }
             figment = figment.merge(Toml::file(file));
         }
@@ -325,12 +312,7 @@ impl ConfigSource {
         section(&figment, "admin", &mut config.admin, &mut errors);
         section(&figment, "log", &mut config.log, &mut errors);
         section(&figment, "runtime", &mut config.runtime, &mut errors);
-        section(
-            &figment,
-            &service.replace('-', "_"),
-            &mut config.service,
-            &mut errors,
-        );
+        section(&figment, &service.replace('-', "_"), &mut config.service, &mut errors);
         let known = ["kafka", "registry", "admin", "log", "runtime"];
         if let Ok(dict) = figment.extract::<Dict>() {
             for key in dict.keys() {
@@ -341,11 +323,7 @@ impl ConfigSource {
         }
         validate_common(&config, &mut errors);
         config.service.validate(&mut errors);
-        if errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
     }
 
     /// `TRIBUTARY__A__B=v` as the nested dictionary `{a: {b: v}}`.
@@ -355,10 +333,7 @@ impl ConfigSource {
             let Some(path) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            let mut keys: Vec<String> = path
-                .split(ENV_SEPARATOR)
-                .map(str::to_ascii_lowercase)
-                .collect();
+            let mut keys: Vec<String> = path.split(ENV_SEPARATOR).map(str::to_ascii_lowercase).collect();
             if keys.iter().any(String::is_empty) {
                 continue;
             }
@@ -369,8 +344,7 @@ impl ConfigSource {
             let value = if keys.get(1).is_some_and(|k| k == "properties") {
                 Value::from(raw.clone())
             } else {
-                raw.parse::<Value>()
-                    .unwrap_or_else(|_| Value::from(raw.clone()))
+                raw.parse::<Value>().unwrap_or_else(|_| Value::from(raw.clone()))
             };
             insert_nested(&mut root, &keys, value);
         }
@@ -385,9 +359,7 @@ fn insert_nested(dict: &mut Dict, keys: &[String], value: Value) {
             dict.insert(last.clone(), value);
         }
         [first, rest @ ..] => {
-            let entry = dict
-                .entry(first.clone())
-                .or_insert_with(|| Value::from(Dict::new()));
+            let entry = dict.entry(first.clone()).or_insert_with(|| Value::from(Dict::new()));
             if let Value::Dict(_, inner) = entry {
                 insert_nested(inner, rest, value);
             }
@@ -395,12 +367,7 @@ fn insert_nested(dict: &mut Dict, keys: &[String], value: Value) {
     }
 }
 
-fn section<T: DeserializeOwned>(
-    figment: &Figment,
-    name: &str,
-    target: &mut T,
-    errors: &mut Vec<String>,
-) {
+fn section<T: DeserializeOwned>(figment: &Figment, name: &str, target: &mut T, errors: &mut Vec<String>) {
     if !figment.contains(name) {
         return;
     }
@@ -415,29 +382,22 @@ fn validate_common<S>(config: &ServiceConfig<S>, errors: &mut Vec<String>) {
         errors.push("[kafka] bootstrap_servers must not be empty".into());
     }
     if config.kafka.partitions < 1 {
-        errors.push(format!(
-            "[kafka] partitions must be at least 1, got {}",
-            config.kafka.partitions
-        ));
+        errors.push(format!("[kafka] partitions must be at least 1, got {}", config.kafka.partitions));
     }
     if config.kafka.replication_factor < 1 {
-        errors.push(format!(
-            "[kafka] replication_factor must be at least 1, got {}",
-            config.kafka.replication_factor
-        ));
+        errors.push(format!("[kafka] replication_factor must be at least 1, got {}", config.kafka.replication_factor));
     }
-    if !(config.registry.url.starts_with("http://") || config.registry.url.starts_with("https://"))
-    {
-        errors.push(format!(
-            "[registry] url must be an http(s) URL, got {:?}",
-            config.registry.url
-        ));
+    if !(config.registry.url.starts_with("http://") || config.registry.url.starts_with("https://")) {
+        errors.push(format!("[registry] url must be an http(s) URL, got {:?}", config.registry.url));
     }
     if config.runtime.commit_interval.is_zero() {
         errors.push("[runtime] commit_interval must be greater than zero".into());
     }
     if config.runtime.max_batch_records == 0 {
         errors.push("[runtime] max_batch_records must be at least 1".into());
+    }
+    if config.runtime.instance_id.trim().is_empty() {
+        errors.push("[runtime] instance_id must not be empty".into());
     }
     if config.runtime.retry.max_attempts == 0 {
         errors.push("[runtime.retry] max_attempts must be at least 1".into());
@@ -460,26 +420,18 @@ mod tests {
     impl ServiceSection for Demo {
         fn validate(&self, errors: &mut Vec<String>) {
             if self.threshold > 100 {
-                errors.push(format!(
-                    "[demo_service] threshold must be at most 100, got {}",
-                    self.threshold
-                ));
+                errors.push(format!("[demo_service] threshold must be at most 100, got {}", self.threshold));
             }
         }
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn defaults_apply_when_nothing_is_set() {
-        let config = ConfigSource::new(None, env(&[]))
-            .load::<Demo>("demo-service")
-            .unwrap();
+        let config = ConfigSource::new(None, env(&[])).load::<Demo>("demo-service").unwrap();
         assert_eq!(config.kafka.bootstrap_servers, DEFAULT_BOOTSTRAP_SERVERS);
         assert_eq!(config.runtime.commit_interval, Duration::from_millis(100));
         assert_eq!(config.service.threshold, 0);
@@ -508,14 +460,7 @@ mod tests {
         assert_eq!(config.kafka.bootstrap_servers, "env:9092");
         assert_eq!(config.kafka.group_id.as_deref(), Some("from-file"));
         assert_eq!(config.runtime.commit_interval, Duration::from_millis(250));
-        assert_eq!(
-            config
-                .kafka
-                .properties
-                .get("sasl.mechanism")
-                .map(String::as_str),
-            Some("PLAIN")
-        );
+        assert_eq!(config.kafka.properties.get("sasl.mechanism").map(String::as_str), Some("PLAIN"));
         assert_eq!(config.service.threshold, 7);
     }
 
@@ -535,13 +480,9 @@ mod tests {
         .unwrap_err();
         let text = errors.to_string();
         assert_eq!(errors.0.len(), 5, "{text}");
-        for needle in [
-            "[kafka]",
-            "[registry] url",
-            "[runtime]",
-            "threshold must be at most 100",
-            "unknown section `nope`",
-        ] {
+        for needle in
+            ["[kafka]", "[registry] url", "[runtime]", "threshold must be at most 100", "unknown section `nope`"]
+        {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
     }
@@ -551,10 +492,7 @@ mod tests {
         let config = ConfigSource::new(
             None,
             env(&[
-                (
-                    "TRIBUTARY__KAFKA__PROPERTIES__SASL_PASSWORD",
-                    "hunter2-kafka",
-                ),
+                ("TRIBUTARY__KAFKA__PROPERTIES__SASL_PASSWORD", "hunter2-kafka"),
                 ("TRIBUTARY__REGISTRY__PASSWORD", "hunter2-registry"),
             ]),
         )

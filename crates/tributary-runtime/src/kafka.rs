@@ -50,24 +50,15 @@ pub enum KafkaSetupError {
 }
 
 /// Waits until a broker answers a metadata request; returns how many brokers the cluster has.
-pub async fn wait_for_broker(
-    kafka: &KafkaConfig,
-    timeout: Duration,
-) -> Result<usize, KafkaSetupError> {
-    let consumer: BaseConsumer = client_config(kafka)
-        .create()
-        .map_err(KafkaSetupError::Client)?;
+pub async fn wait_for_broker(kafka: &KafkaConfig, timeout: Duration) -> Result<usize, KafkaSetupError> {
+    let consumer: BaseConsumer = client_config(kafka).create().map_err(KafkaSetupError::Client)?;
     let bootstrap = kafka.bootstrap_servers.clone();
     // fetch_metadata blocks the calling thread, so it runs on the blocking pool.
     tokio::task::spawn_blocking(move || {
         consumer
             .fetch_metadata(None, timeout)
             .map(|metadata| metadata.brokers().len())
-            .map_err(|source| KafkaSetupError::Unreachable {
-                bootstrap,
-                timeout,
-                source,
-            })
+            .map_err(|source| KafkaSetupError::Unreachable { bootstrap, timeout, source })
     })
     .await?
 }
@@ -82,21 +73,12 @@ pub enum TopicKind {
 }
 
 /// Creates the topics that do not exist yet; existing ones are left as they are.
-pub async fn ensure_topics(
-    kafka: &KafkaConfig,
-    topics: &[(&str, TopicKind)],
-) -> Result<(), KafkaSetupError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka)
-        .create()
-        .map_err(KafkaSetupError::Client)?;
+pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, TopicKind)]) -> Result<(), KafkaSetupError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka).create().map_err(KafkaSetupError::Client)?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(name, kind)| {
-            let topic = NewTopic::new(
-                name,
-                kafka.partitions,
-                TopicReplication::Fixed(kafka.replication_factor),
-            );
+            let topic = NewTopic::new(name, kafka.partitions, TopicReplication::Fixed(kafka.replication_factor));
             match kind {
                 TopicKind::Events => topic,
                 TopicKind::Compacted => topic.set("cleanup.policy", "compact"),
@@ -107,18 +89,12 @@ pub async fn ensure_topics(
     let results = admin
         .create_topics(new_topics.iter(), &options)
         .await
-        .map_err(|e| KafkaSetupError::CreateTopic {
-            topic: "(batch)".into(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| KafkaSetupError::CreateTopic { topic: "(batch)".into(), reason: e.to_string() })?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(KafkaSetupError::CreateTopic {
-                    topic,
-                    reason: code.to_string(),
-                });
+                return Err(KafkaSetupError::CreateTopic { topic, reason: code.to_string() });
             }
         }
     }

@@ -76,17 +76,10 @@ impl RunningService {
 }
 
 /// Builds `S` with `config` and runs it in the current Tokio runtime, with its admin port.
-pub async fn spawn<S: Service>(
-    config: ServiceConfig<S::Settings>,
-) -> anyhow::Result<RunningService> {
+pub async fn spawn<S: Service>(config: ServiceConfig<S::Settings>) -> anyhow::Result<RunningService> {
     let shutdown = CancellationToken::new();
     let (admin_addr, health, task) = start::<S>(config, shutdown.clone()).await?;
-    Ok(RunningService {
-        admin_addr,
-        health,
-        shutdown,
-        task,
-    })
+    Ok(RunningService { admin_addr, health, shutdown, task })
 }
 
 async fn start<S: Service>(
@@ -96,19 +89,11 @@ async fn start<S: Service>(
     let mut registry = Registry::default();
     let metrics = ServiceMetrics::register(&mut registry, S::NAME);
     let health = Health::new();
-    let admin_listen = config
-        .admin
-        .listen
-        .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::LOCALHOST, S::DEFAULT_ADMIN_PORT)));
+    let admin_listen =
+        config.admin.listen.unwrap_or_else(|| SocketAddr::from((Ipv4Addr::LOCALHOST, S::DEFAULT_ADMIN_PORT)));
     let grace = config.runtime.shutdown_grace;
-    let mut context = BuildContext {
-        registry,
-        metrics,
-        health: health.clone(),
-    };
-    let service = S::build(config, &mut context)
-        .await
-        .with_context(|| format!("building {}", S::NAME))?;
+    let mut context = BuildContext { registry, metrics, health: health.clone() };
+    let service = S::build(config, &mut context).await.with_context(|| format!("building {}", S::NAME))?;
 
     let admin = AdminServer::bind(admin_listen, Arc::new(context.registry), health.clone())
         .await
@@ -173,10 +158,7 @@ pub fn main<S: Service>() -> ExitCode {
         println!("{config:#?}");
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("{}: cannot start the async runtime: {error}", S::NAME);
@@ -213,14 +195,13 @@ pub fn main<S: Service>() -> ExitCode {
 
 /// Cancels `shutdown` on SIGTERM (Kubernetes) or SIGINT (a terminal).
 async fn cancel_on_signal(shutdown: CancellationToken) {
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                return;
-            }
-        };
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM");
+            return;
+        }
+    };
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),

@@ -43,11 +43,7 @@ pub struct AdminServer {
 impl AdminServer {
     /// Binds the admin port. Binding happens here, not in [`serve`](Self::serve), so that a port
     /// clash is reported at start-up and so that tests can bind port 0 and read the address.
-    pub async fn bind(
-        addr: SocketAddr,
-        registry: Arc<Registry>,
-        health: Health,
-    ) -> std::io::Result<Self> {
+    pub async fn bind(addr: SocketAddr, registry: Arc<Registry>, health: Health) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let router = Router::new()
             .route(METRICS_PATH, get(metrics))
@@ -63,13 +59,8 @@ impl AdminServer {
     }
 
     /// Serves until `shutdown` completes.
-    pub async fn serve(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await
     }
 }
 
@@ -87,11 +78,7 @@ async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 fn probe(ok: bool, what: &'static str) -> (StatusCode, String) {
-    if ok {
-        (StatusCode::OK, format!("{what}\n"))
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not {what}\n"))
-    }
+    if ok { (StatusCode::OK, format!("{what}\n")) } else { (StatusCode::SERVICE_UNAVAILABLE, format!("not {what}\n")) }
 }
 
 #[cfg(test)]
@@ -104,13 +91,8 @@ mod tests {
         let mut registry = Registry::default();
         ServiceMetrics::register(&mut registry, "test-service");
         let health = Health::new();
-        let server = AdminServer::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            Arc::new(registry),
-            health.clone(),
-        )
-        .await
-        .unwrap();
+        let server =
+            AdminServer::bind("127.0.0.1:0".parse().unwrap(), Arc::new(registry), health.clone()).await.unwrap();
         let base = format!("http://{}", server.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async {
@@ -127,14 +109,7 @@ mod tests {
         assert_eq!(status(READY_PATH).await, StatusCode::SERVICE_UNAVAILABLE);
         health.set_ready(true);
         assert_eq!(status(READY_PATH).await, StatusCode::OK);
-        let body = client
-            .get(format!("{base}{METRICS_PATH}"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let body = client.get(format!("{base}{METRICS_PATH}")).send().await.unwrap().text().await.unwrap();
         assert!(body.contains("tributary_service_info"), "{body}");
         health.set_stopping();
         assert_eq!(status(LIVE_PATH).await, StatusCode::SERVICE_UNAVAILABLE);

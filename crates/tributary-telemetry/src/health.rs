@@ -69,9 +69,6 @@ mod tests {
         assert!(!health.is_live());
         assert!(!health.is_ready());
         health.set_ready(true);
-        assert!(
-            !health.is_ready(),
-            "a stopping service must not report ready again"
-        );
+        assert!(!health.is_ready(), "a stopping service must not report ready again");
     }
 }

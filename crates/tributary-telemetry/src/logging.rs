@@ -41,10 +41,7 @@ impl Default for LoggingConfig {
     fn default() -> Self {
         // Info for our crates and warnings for the noisy HTTP internals: enough to follow a
         // flow without drowning it.
-        Self {
-            format: LogFormat::Text,
-            filter: "info,hyper=warn,reqwest=warn,h2=warn".into(),
-        }
+        Self { format: LogFormat::Text, filter: "info,hyper=warn,reqwest=warn,h2=warn".into() }
     }
 }
 
@@ -82,20 +79,13 @@ impl Drop for TelemetryGuard {
 /// If a global subscriber is already installed (several services started in one test process),
 /// the existing one is kept and only the guard of a fresh provider is returned.
 pub fn init(service: &str, config: &LoggingConfig) -> Result<TelemetryGuard, TelemetryError> {
-    let filter = EnvFilter::try_new(&config.filter).map_err(|source| TelemetryError::Filter {
-        filter: config.filter.clone(),
-        source,
-    })?;
+    let filter = EnvFilter::try_new(&config.filter)
+        .map_err(|source| TelemetryError::Filter { filter: config.filter.clone(), source })?;
 
-    let mut provider = SdkTracerProvider::builder().with_resource(
-        Resource::builder()
-            .with_service_name(service.to_owned())
-            .build(),
-    );
+    let mut provider =
+        SdkTracerProvider::builder().with_resource(Resource::builder().with_service_name(service.to_owned()).build());
     if std::env::var_os(OTLP_ENDPOINT_ENV).is_some() {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .build()?;
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_http().build()?;
         provider = provider.with_batch_exporter(exporter);
     }
     let provider = provider.build();
@@ -107,12 +97,7 @@ pub fn init(service: &str, config: &LoggingConfig) -> Result<TelemetryGuard, Tel
     let installed = match config.format {
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
         LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true),
-            )
+            .with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(true))
             .try_init(),
     };
     if installed.is_err() {

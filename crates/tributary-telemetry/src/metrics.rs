@@ -147,47 +147,20 @@ impl ServiceMetrics {
         };
         let r = registry.sub_registry_with_prefix(METRIC_PREFIX);
         let info: Family<InfoLabels, Gauge> = Family::default();
-        info.get_or_create(&InfoLabels {
-            service: service.to_owned(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-        })
-        .set(1);
+        info.get_or_create(&InfoLabels { service: service.to_owned(), version: env!("CARGO_PKG_VERSION").to_owned() })
+            .set(1);
         r.register("service_info", "The service and its version", info);
-        r.register(
-            "records_consumed",
-            "Records read from input topics",
-            metrics.records_consumed.clone(),
-        );
-        r.register(
-            "records_produced",
-            "Records written to output topics",
-            metrics.records_produced.clone(),
-        );
-        r.register(
-            "errors",
-            "Errors by class and stage",
-            metrics.errors.clone(),
-        );
-        r.register(
-            "dlq_records",
-            "Records written to the dead-letter topic",
-            metrics.dlq_writes.clone(),
-        );
-        r.register(
-            "retries",
-            "Retries of transient failures",
-            metrics.retries.clone(),
-        );
+        r.register("records_consumed", "Records read from input topics", metrics.records_consumed.clone());
+        r.register("records_produced", "Records written to output topics", metrics.records_produced.clone());
+        r.register("errors", "Errors by class and stage", metrics.errors.clone());
+        r.register("dlq_records", "Records written to the dead-letter topic", metrics.dlq_writes.clone());
+        r.register("retries", "Retries of transient failures", metrics.retries.clone());
         r.register(
             "duplicates_skipped",
             "Inputs skipped because their idempotency key was already recorded",
             metrics.duplicates_skipped.clone(),
         );
-        r.register(
-            "processing_seconds",
-            "Time to process one input record",
-            metrics.processing_seconds.clone(),
-        );
+        r.register("processing_seconds", "Time to process one input record", metrics.processing_seconds.clone());
         r.register(
             "end_to_end_seconds",
             "Time from an input's occurred_at to the commit of its outputs",
@@ -198,11 +171,7 @@ impl ServiceMetrics {
             "Time to commit one Kafka transaction",
             metrics.transaction_commit_seconds.clone(),
         );
-        r.register(
-            "transactions",
-            "Kafka transactions by outcome",
-            metrics.transactions.clone(),
-        );
+        r.register("transactions", "Kafka transactions by outcome", metrics.transactions.clone());
         r.register(
             "consumer_lag",
             "Records between the committed offset and the end of an assigned partition",
@@ -223,21 +192,12 @@ impl ServiceMetrics {
 
     /// Counts one error of `class` at `stage`.
     pub fn error(&self, class: &str, stage: &str) {
-        self.errors
-            .get_or_create(&ErrorLabels {
-                class: class.to_owned(),
-                stage: stage.to_owned(),
-            })
-            .inc();
+        self.errors.get_or_create(&ErrorLabels { class: class.to_owned(), stage: stage.to_owned() }).inc();
     }
 
     /// Sets the state of the circuit breaker named `circuit`.
     pub fn set_circuit(&self, circuit: &str, state: CircuitState) {
-        self.circuit_state
-            .get_or_create(&CircuitLabels {
-                circuit: circuit.to_owned(),
-            })
-            .set(state as i64);
+        self.circuit_state.get_or_create(&CircuitLabels { circuit: circuit.to_owned() }).set(state as i64);
     }
 }
 
@@ -245,8 +205,7 @@ impl ServiceMetrics {
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();
     // Writing to a String cannot fail: fmt::Write for String is infallible.
-    prometheus_client::encoding::text::encode(&mut out, registry)
-        .expect("writing metrics into a String cannot fail");
+    prometheus_client::encoding::text::encode(&mut out, registry).expect("writing metrics into a String cannot fail");
     out
 }
 
@@ -259,47 +218,20 @@ mod tests {
         let mut registry = Registry::default();
         let metrics = ServiceMetrics::register(&mut registry, "usage-ingest");
         // Families without a labelled child print nothing, as Prometheus expects: touch each.
-        let topic = TopicLabels {
-            topic: "usage.events".into(),
-        };
+        let topic = TopicLabels { topic: "usage.events".into() };
         metrics.records_consumed.get_or_create(&topic).inc();
         metrics.records_produced.get_or_create(&topic).inc();
         metrics.error("decode", "decode");
         metrics
             .dlq_writes
-            .get_or_create(&DlqLabels {
-                source_topic: "usage.events".into(),
-                class: "decode".into(),
-            })
+            .get_or_create(&DlqLabels { source_topic: "usage.events".into(), class: "decode".into() })
             .inc();
-        metrics
-            .retries
-            .get_or_create(&StageLabels {
-                stage: "produce".into(),
-            })
-            .inc();
+        metrics.retries.get_or_create(&StageLabels { stage: "produce".into() }).inc();
         metrics.duplicates_skipped.get_or_create(&topic).inc();
-        metrics
-            .processing_seconds
-            .get_or_create(&topic)
-            .observe(0.002);
-        metrics
-            .end_to_end_seconds
-            .get_or_create(&topic)
-            .observe(0.2);
-        metrics
-            .transactions
-            .get_or_create(&OutcomeLabels {
-                outcome: "committed".into(),
-            })
-            .inc();
-        metrics
-            .consumer_lag
-            .get_or_create(&PartitionLabels {
-                topic: "usage.events".into(),
-                partition: 0,
-            })
-            .set(5);
+        metrics.processing_seconds.get_or_create(&topic).observe(0.002);
+        metrics.end_to_end_seconds.get_or_create(&topic).observe(0.2);
+        metrics.transactions.get_or_create(&OutcomeLabels { outcome: "committed".into() }).inc();
+        metrics.consumer_lag.get_or_create(&PartitionLabels { topic: "usage.events".into(), partition: 0 }).set(5);
         metrics.set_circuit("erp", CircuitState::Open);
         let text = encode(&registry);
         for name in [
@@ -322,9 +254,6 @@ mod tests {
         assert!(text.contains(r#"tributary_records_consumed_total{topic="usage.events"} 1"#));
         assert!(text.contains(r#"tributary_errors_total{class="decode",stage="decode"} 1"#));
         assert!(text.contains(r#"service="usage-ingest""#));
-        assert!(
-            text.contains(r#"tributary_circuit_state{circuit="erp"} 2"#),
-            "{text}"
-        );
+        assert!(text.contains(r#"tributary_circuit_state{circuit="erp"} 2"#), "{text}");
     }
 }

@@ -23,14 +23,8 @@ impl Service for App {
     const DEFAULT_ADMIN_PORT: u16 = 19104;
     type Settings = NoSettings;
 
-    async fn build(
-        config: ServiceConfig<NoSettings>,
-        context: &mut BuildContext,
-    ) -> anyhow::Result<Self> {
-        Ok(Self {
-            kafka: config.kafka,
-            health: context.health.clone(),
-        })
+    async fn build(config: ServiceConfig<NoSettings>, context: &mut BuildContext) -> anyhow::Result<Self> {
+        Ok(Self { kafka: config.kafka, health: context.health.clone() })
     }
 
     async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {

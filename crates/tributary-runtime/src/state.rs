@@ -1,0 +1,244 @@
+//! Keyed state per partition, backed by compacted changelog topics.
+//!
+//! Three layers: `base` is what committed transactions wrote (and what a restore rebuilds),
+//! `overlay` is what the open transaction has written so far, `staged` is what the record
+//! being processed has written. A record that fails drops `staged`; a transaction that aborts
+//! drops `overlay`; a commit writes the overlay to the changelogs inside the transaction and
+//! then folds it into `base`. Reads see the newest layer first. Values are JSON, so changelogs
+//! stay readable with any tool.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The runtime's store of idempotency keys.
+pub const IDEMPOTENCY_STORE: &str = "idempotency";
+/// The runtime's store of timers.
+pub const TIMER_STORE: &str = "timers";
+
+/// The changelog topic of `store` of `service`.
+pub fn changelog_topic(service: &str, store: &str) -> String {
+    format!("{service}.{store}.changelog")
+}
+
+/// State errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A value could not be (de)serialised.
+    #[error("state {store}/{key}: {source}")]
+    Serde {
+        /// The store.
+        store: String,
+        /// The key.
+        key: String,
+        /// The serde error.
+        source: serde_json::Error,
+    },
+}
+
+/// A timer as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct StoredTimer {
+    pub(crate) due_at_ms: i64,
+    pub(crate) payload: serde_json::Value,
+}
+
+type StoreId = (String, i32);
+type Layer = HashMap<StoreId, HashMap<String, Option<Vec<u8>>>>;
+
+/// The state of one service instance: every store on every assigned partition.
+#[derive(Debug, Default)]
+pub struct TxnState {
+    base: HashMap<StoreId, HashMap<String, Vec<u8>>>,
+    overlay: Layer,
+    staged: Layer,
+}
+
+impl TxnState {
+    /// Reads `key`.
+    pub fn get<V: DeserializeOwned>(&self, store: &str, partition: i32, key: &str) -> Result<Option<V>, StateError> {
+        match self.get_raw(store, partition, key) {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(bytes).map(Some).map_err(|source| StateError::Serde {
+                store: store.to_owned(),
+                key: key.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// The raw bytes of `key`, newest layer first.
+    pub fn get_raw(&self, store: &str, partition: i32, key: &str) -> Option<&[u8]> {
+        let id = (store.to_owned(), partition);
+        for layer in [&self.staged, &self.overlay] {
+            if let Some(value) = layer.get(&id).and_then(|entries| entries.get(key)) {
+                return value.as_deref();
+            }
+        }
+        self.base.get(&id).and_then(|entries| entries.get(key)).map(Vec::as_slice)
+    }
+
+    /// Writes `key` in the record's staged changes.
+    pub fn put<V: Serialize>(&mut self, store: &str, partition: i32, key: &str, value: &V) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| StateError::Serde {
+            store: store.to_owned(),
+            key: key.to_owned(),
+            source,
+        })?;
+        self.stage(store, partition, key, Some(bytes));
+        Ok(())
+    }
+
+    /// Deletes `key` in the record's staged changes.
+    pub fn delete(&mut self, store: &str, partition: i32, key: &str) {
+        self.stage(store, partition, key, None);
+    }
+
+    fn stage(&mut self, store: &str, partition: i32, key: &str, value: Option<Vec<u8>>) {
+        self.staged.entry((store.to_owned(), partition)).or_default().insert(key.to_owned(), value);
+    }
+
+    /// Schedules timer `key` on `partition`.
+    pub fn schedule(
+        &mut self,
+        partition: i32,
+        key: &str,
+        due_at: DateTime<Utc>,
+        payload: serde_json::Value,
+    ) -> Result<(), StateError> {
+        self.put(TIMER_STORE, partition, key, &StoredTimer { due_at_ms: due_at.timestamp_millis(), payload })
+    }
+
+    /// Cancels timer `key` on `partition`.
+    pub fn cancel(&mut self, partition: i32, key: &str) {
+        self.delete(TIMER_STORE, partition, key);
+    }
+
+    /// The record succeeded: its changes join the open transaction.
+    pub(crate) fn accept_staged(&mut self) {
+        for (id, entries) in self.staged.drain() {
+            self.overlay.entry(id).or_default().extend(entries);
+        }
+    }
+
+    /// The record failed: its changes are dropped.
+    pub(crate) fn discard_staged(&mut self) {
+        self.staged.clear();
+    }
+
+    /// What the open transaction changed, to write to the changelogs before committing.
+    pub(crate) fn pending_changes(&self) -> impl Iterator<Item = (&str, i32, &str, Option<&[u8]>)> {
+        self.overlay.iter().flat_map(|((store, partition), entries)| {
+            entries.iter().map(move |(key, value)| (store.as_str(), *partition, key.as_str(), value.as_deref()))
+        })
+    }
+
+    /// The transaction committed: its changes become the base.
+    pub(crate) fn commit(&mut self) {
+        for (id, entries) in self.overlay.drain() {
+            let base = self.base.entry(id).or_default();
+            for (key, value) in entries {
+                match value {
+                    Some(value) => base.insert(key, value),
+                    None => base.remove(&key),
+                };
+            }
+        }
+    }
+
+    /// The transaction aborted: its changes are dropped.
+    pub(crate) fn abort(&mut self) {
+        self.overlay.clear();
+        self.staged.clear();
+    }
+
+    /// A restored changelog record, straight into the base.
+    pub(crate) fn restore(&mut self, store: &str, partition: i32, key: String, value: Option<Vec<u8>>) {
+        let base = self.base.entry((store.to_owned(), partition)).or_default();
+        match value {
+            Some(value) => base.insert(key, value),
+            None => base.remove(&key),
+        };
+    }
+
+    /// Forgets the state of a partition this instance no longer owns.
+    pub(crate) fn drop_partition(&mut self, partition: i32) {
+        self.base.retain(|(_, p), _| *p != partition);
+        self.overlay.retain(|(_, p), _| *p != partition);
+        self.staged.retain(|(_, p), _| *p != partition);
+    }
+
+    /// Keys of `store` on `partition` whose committed-or-pending value satisfies `pick`.
+    pub(crate) fn scan<V: DeserializeOwned>(
+        &self,
+        store: &str,
+        partition: i32,
+        mut pick: impl FnMut(&str, &V) -> bool,
+    ) -> Vec<(String, V)> {
+        let id = (store.to_owned(), partition);
+        let mut merged: BTreeMap<&str, Option<&[u8]>> = BTreeMap::new();
+        if let Some(entries) = self.base.get(&id) {
+            merged.extend(entries.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))));
+        }
+        if let Some(entries) = self.overlay.get(&id) {
+            merged.extend(entries.iter().map(|(k, v)| (k.as_str(), v.as_deref())));
+        }
+        merged
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let value: V = serde_json::from_slice(value?).ok()?;
+                pick(key, &value).then(|| (key.to_owned(), value))
+            })
+            .collect()
+    }
+
+    /// Number of committed keys of `store` on `partition`.
+    pub fn len(&self, store: &str, partition: i32) -> usize {
+        self.base.get(&(store.to_owned(), partition)).map_or(0, HashMap::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_see_the_newest_layer_and_an_abort_restores_the_committed_state() {
+        let mut state = TxnState::default();
+        state.put("s", 0, "k", &1).unwrap();
+        state.accept_staged();
+        state.commit();
+        assert_eq!(state.get::<i32>("s", 0, "k").unwrap(), Some(1));
+
+        state.put("s", 0, "k", &2).unwrap();
+        assert_eq!(state.get::<i32>("s", 0, "k").unwrap(), Some(2), "staged is visible to the record");
+        state.discard_staged();
+        assert_eq!(state.get::<i32>("s", 0, "k").unwrap(), Some(1), "a failed record leaves no trace");
+
+        state.put("s", 0, "k", &3).unwrap();
+        state.delete("s", 0, "other");
+        state.accept_staged();
+        assert_eq!(state.pending_changes().count(), 2);
+        state.abort();
+        assert_eq!(state.get::<i32>("s", 0, "k").unwrap(), Some(1), "an aborted transaction leaves no trace");
+        assert_eq!(state.pending_changes().count(), 0);
+    }
+
+    #[test]
+    fn deletes_and_partitions_are_kept_apart() {
+        let mut state = TxnState::default();
+        state.put("s", 0, "k", &"a").unwrap();
+        state.put("s", 1, "k", &"b").unwrap();
+        state.accept_staged();
+        state.commit();
+        state.delete("s", 0, "k");
+        state.accept_staged();
+        state.commit();
+        assert_eq!(state.get::<String>("s", 0, "k").unwrap(), None);
+        assert_eq!(state.get::<String>("s", 1, "k").unwrap().as_deref(), Some("b"));
+        state.drop_partition(1);
+        assert_eq!(state.get::<String>("s", 1, "k").unwrap(), None);
+    }
+}
