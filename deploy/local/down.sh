@@ -38,6 +38,7 @@ main() {
   tb_stop registry "$TRIBUTARY_REGISTRY_MARKER" || failed=1
   tb_stop kafka "$TRIBUTARY_KAFKA_MARKER" || failed=1
   ((failed == 0)) || tb_die "some processes could not be stopped"
+  tb_wait_reaped
   if $purge; then
     # Guard against an override pointing the run dir at the cache (or somewhere worse).
     case "$TRIBUTARY_RUN_DIR" in

@@ -50,8 +50,15 @@ fi
 # new pin gets a fresh venv instead of an in-place upgrade.
 : "${TRYTOND_VERSION:=8.2.1}"
 
+# Registry storage: "memory" (default: an in-memory H2 database, empty after every restart) or
+# "file" (an H2 database file in the run dir, kept until `down.sh --purge`, like Kafka's data).
+# With "memory", records that stay in Kafka across a restart carry schema ids the new registry
+# does not know (or, after new registrations, knows as other schemas).
+: "${TRIBUTARY_REGISTRY_STORAGE:=memory}"
+
 # --- Tools --------------------------------------------------------------------------------
-# Java 17 is enough for everything here; JAVA_HOME wins over PATH like most JVM launchers.
+# The Java for Kafka (17+; Apicurio picks its own, above). JAVA_HOME wins over PATH, as with
+# most JVM launchers.
 if [[ -z "${TRIBUTARY_JAVA:-}" ]]; then
   if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then
     TRIBUTARY_JAVA="$JAVA_HOME/bin/java"

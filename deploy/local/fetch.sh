@@ -34,8 +34,12 @@ stamp_of() {
 # True if folder $1 holds a complete download for component $2.
 is_complete() { [[ -f "$1/.complete" && "$(<"$1/.complete")" == "$(stamp_of "$2")" ]]; }
 
-# Maven flags: batch mode (no progress bars), quiet, no colour codes in logs.
-mvn_flags=(-B -q -Dstyle.color=never)
+# Maven, quiet and in batch mode (no progress bars). Debian's Maven 3.8.7 prints colour codes
+# even then (and with -Dstyle.color=never), so they are filtered out; pipefail keeps mvn's
+# exit status.
+mvn_quiet() {
+  "$TRIBUTARY_MVN" -B -q "$@" 2>&1 | sed 's/\x1b\[[0-9;]*m//g' >&2
+}
 
 fetch_kafka() {
   local home=$TRIBUTARY_KAFKA_HOME partial
@@ -45,7 +49,7 @@ fetch_kafka() {
   started=$(tb_now)
   partial="$home.partial"
   rm -rf "$partial"
-  "$TRIBUTARY_MVN" "${mvn_flags[@]}" -f "$here/kafka/pom.xml" dependency:copy-dependencies \
+  mvn_quiet -f "$here/kafka/pom.xml" dependency:copy-dependencies \
     -Dkafka.version="$KAFKA_VERSION" -Dlog4j.version="$LOG4J_VERSION" \
     -DincludeScope=runtime -DoutputDirectory="$partial/libs"
   # The two entry points up.sh uses must be there, or the broker would fail later, obscurely.
@@ -70,7 +74,7 @@ fetch_registry() {
   rm -rf "$partial"
   mkdir -p "$partial"
   # The app is published on Maven Central as a tar.gz of the Quarkus application folder.
-  "$TRIBUTARY_MVN" "${mvn_flags[@]}" dependency:copy \
+  mvn_quiet dependency:copy \
     -Dartifact="io.apicurio:apicurio-registry-app:$APICURIO_VERSION:tar.gz:all" \
     -DoutputDirectory="$partial"
   local tarball="$partial/apicurio-registry-app-$APICURIO_VERSION-all.tar.gz"

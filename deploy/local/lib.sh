@@ -161,6 +161,24 @@ tb_stop() {
     tb_log "$name could not be stopped: $(tb_marker_pids "$marker" | paste -sd, -)"
     return 1
   fi
+  mapfile -t -O "${#TB_STOPPED_PIDS[@]}" TB_STOPPED_PIDS <<<"$pids"
+}
+
+# Pids stopped by tb_stop, for tb_wait_reaped.
+TB_STOPPED_PIDS=()
+
+# An exited server stays a zombie ("[java] <defunct>" in pgrep) until init reaps it, which
+# here takes about 2 s. Waits for that, once for all stopped servers (5 s at most; a zombie
+# holds nothing, not even its port), so "nothing left" can be checked right after down.sh.
+tb_wait_reaped() {
+  ((${#TB_STOPPED_PIDS[@]})) || return 0
+  local pids i
+  pids=$(IFS=,; echo "${TB_STOPPED_PIDS[*]}")
+  for i in {1..20}; do
+    ps -o pid= -p "$pids" >/dev/null 2>&1 || return 0
+    sleep 0.25
+  done
+  tb_log "not yet reaped by init after 5 s (harmless zombies): $pids"
 }
 
 # --- Java ----------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Starts the local Tributary stack and waits until every part of it is healthy:
 #   Kafka 4.x          single node, KRaft combined mode (broker + controller), 127.0.0.1
-#   Apicurio Registry  3.x, in-memory storage, Confluent-compatible API at /apis/ccompat/v7
+#   Apicurio Registry  3.x, Confluent-compatible API at /apis/ccompat/v7, storage in memory
+#                      (default) or in a file (TRIBUTARY_REGISTRY_STORAGE, see env.sh)
 #   Tryton             trytond on SQLite with the accounting set-up of tryton/setup.py
 #
-# Fetches what is missing first (fetch.sh). A component that is already running (pid file + marker)
+# Fetches what is missing first (fetch.sh). A component already running (pid file + marker)
 # is left alone, so a second `up.sh` only checks health: harmless and about a second.
 # On success prints the client variables as `export` lines on stdout (everything else goes to
 # stderr), so `eval "$(deploy/local/up.sh)"` works; `. deploy/local/env.sh` gives the same.
@@ -139,12 +140,18 @@ start_registry() {
   local dir="$TRIBUTARY_RUN_DIR/registry" jar
   mkdir -p "$dir"
   jar=$(tb_registry_jar) || tb_die "no Apicurio launcher jar in $TRIBUTARY_APICURIO_HOME"
+  # Storage: SQL on H2, Apicurio's default, in memory or in a file (env.sh).
+  local datasource
+  case "$TRIBUTARY_REGISTRY_STORAGE" in
+    memory) datasource="jdbc:h2:mem:registry" ;;
+    file) datasource="jdbc:h2:file:$dir/registry" ;;
+    *) tb_die "TRIBUTARY_REGISTRY_STORAGE must be memory or file, not '$TRIBUTARY_REGISTRY_STORAGE'" ;;
+  esac
   tb_log "starting apicurio registry $APICURIO_VERSION on 127.0.0.1:$TRIBUTARY_REGISTRY_PORT" \
-    "(Java $(tb_java_major "$TRIBUTARY_REGISTRY_JAVA"))"
+    "(Java $(tb_java_major "$TRIBUTARY_REGISTRY_JAVA"), $TRIBUTARY_REGISTRY_STORAGE storage)"
   # Quarkus reads -D properties at run time. Both its HTTP server and its separate management
   # interface (health/metrics, default 0.0.0.0:9000) are bound to loopback on our ports.
-  # Storage: SQL on an in-memory H2 database (Apicurio's default, spelled out): schemas
-  # vanish on restart, which suits a dev stack whose clients register schemas on start.
+  # The log format replaces Apicurio's, whose date pattern prints "2026-11+00-29".
   # Run from its own folder so anything Quarkus writes to the working directory stays there.
   # shellcheck disable=SC2086
   (cd "$dir" && tb_start registry "$TRIBUTARY_LOG_DIR/registry.log" \
@@ -153,7 +160,9 @@ start_registry() {
     -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$TRIBUTARY_REGISTRY_PORT" \
     -Dquarkus.management.host=127.0.0.1 \
     -Dquarkus.management.port="$TRIBUTARY_REGISTRY_MANAGEMENT_PORT" \
+    -Dquarkus.log.console.format='%d{yyyy-MM-dd HH:mm:ss,SSS} %-5p [%c{3.}] (%t) %s%e%n' \
     -Dapicurio.storage.kind=sql -Dapicurio.storage.sql.kind=h2 \
+    -Dapicurio.datasource.url="$datasource" \
     -Dapicurio.storage.snapshot.location="$dir" \
     -jar "$jar")
 }
@@ -177,8 +186,8 @@ listen = 127.0.0.1:$TRIBUTARY_TRYTON_PORT
 EOF
 }
 
-# First start only: create the database and activate the modules (about 20 s). The stamp is
-# written last, so an interrupted initialisation starts over from an empty file.
+# Creates the database and activates the modules (about 20 s). The stamp is written last, so
+# an interrupted initialisation starts over from an empty file.
 init_tryton_db() {
   local stamp="$tryton_dir/.initialised" db="$tryton_dir/$TRIBUTARY_TRYTON_DB.sqlite"
   [[ -f "$stamp" ]] && return 0
@@ -199,19 +208,58 @@ init_tryton_db() {
   touch "$stamp"
 }
 
-# Runs setup.py when it changed or the year did (it creates this and next year's fiscal
-# years); otherwise skipped, as loading proteus costs a few seconds.
+# What setup.py last ran from: its checksum and the year (it creates this and next year's
+# fiscal years).
+setup_stamp() { printf '%s %s\n' "$(sha256sum <"$here/tryton/setup.py" | cut -d' ' -f1)" "$(date +%Y)"; }
+
+# Runs setup.py when it or the year changed since it last ran on this database; otherwise
+# skipped, as loading proteus costs a few seconds.
 setup_tryton() {
-  local stamp="$tryton_dir/.setup" want log="$TRIBUTARY_LOG_DIR/tryton-setup.log"
-  want="$(sha256sum <"$here/tryton/setup.py" | cut -d' ' -f1) $(date +%Y)"
-  [[ -f "$stamp" && "$(<"$stamp")" == "$want" ]] && return 0
+  local stamp="$tryton_dir/.setup" log="$TRIBUTARY_LOG_DIR/tryton-setup.log"
+  [[ -f "$stamp" && "$(<"$stamp")" == "$(setup_stamp)" ]] && return 0
   tb_log "running tryton/setup.py (company, chart of accounts, fiscal years, products)"
   if ! (cd "$tryton_dir" && "$TRIBUTARY_TRYTON_VENV/bin/python" "$here/tryton/setup.py" \
     "$TRIBUTARY_TRYTON_CONF" "$TRIBUTARY_TRYTON_DB" >>"$log" 2>&1); then
     tb_show_logs "$log"
     tb_die "tryton/setup.py failed"
   fi
-  printf '%s\n' "$want" >"$stamp"
+  setup_stamp >"$stamp"
+}
+
+# A database fresh from trytond-admin + setup.py is kept in the cache as a template: after
+# `down.sh --purge`, or for another run dir, the next start copies it (well under a second)
+# instead of spending ~25 s of CPU. Its name is a checksum of everything it was built from.
+tryton_template() {
+  local key
+  key=$({
+    cat "$here/tryton/requirements.txt" "$here/tryton/setup.py"
+    printf '%s\n' "${tryton_modules[*]}" "$TRIBUTARY_TRYTON_PASSWORD" "$(date +%Y)"
+  } | sha256sum | cut -c1-16)
+  printf '%s/tryton-db-templates/%s.sqlite\n' "$TRIBUTARY_CACHE_DIR" "$key"
+}
+
+# Gives the run dir a complete database: from the template if there is one, else built and
+# then saved as the template (copied under a temporary name and renamed, so a template is
+# never half written).
+prepare_tryton_db() {
+  local db="$tryton_dir/$TRIBUTARY_TRYTON_DB.sqlite" template
+  if [[ -f "$tryton_dir/.initialised" ]]; then
+    setup_tryton
+    return 0
+  fi
+  template=$(tryton_template)
+  if [[ -f "$template" ]]; then
+    tb_log "creating Tryton database $TRIBUTARY_TRYTON_DB from the cached template"
+    cp "$template" "$db"
+    setup_stamp >"$tryton_dir/.setup"
+    touch "$tryton_dir/.initialised"
+    return 0
+  fi
+  init_tryton_db
+  setup_tryton
+  mkdir -p "$(dirname "$template")"
+  cp "$db" "$template.partial.$$"
+  mv "$template.partial.$$" "$template"
 }
 
 start_tryton() {
@@ -221,8 +269,7 @@ start_tryton() {
   fi
   "$here/fetch.sh" tryton
   write_tryton_config
-  init_tryton_db
-  setup_tryton
+  prepare_tryton_db
   tb_log "starting trytond on 127.0.0.1:$TRIBUTARY_TRYTON_PORT (database $TRIBUTARY_TRYTON_DB)"
   # -d names the database to load at start (without it, logins fail with KeyError 'res.user');
   # -v logs each RPC call at INFO, useful when debugging erp-poster.

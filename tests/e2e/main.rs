@@ -3,3 +3,4 @@
 mod kafka_transactions;
 mod schema_registry;
 mod service_shape;
+mod tryton_erp;

@@ -24,7 +24,6 @@ async fn a_service_binary_reports_ready_serves_metrics_and_exits_0_on_sigterm() 
         .package("usage-ingest")
         .bin("usage-ingest")
         .current_release()
-        .current_target()
         .run()
         .expect("build the usage-ingest binary");
     let mut child = tokio::process::Command::new(binary.path())

@@ -10,8 +10,10 @@ and clients can find each record by the same name instead of hard-coding ids:
 
   currency.currency               code "USD"
   company.company                 party name "Tributary Demo Co", currency USD
-  account.account (chart)         from template "Minimal Account Chart"; default receivable,
-                                  payable, revenue and expense set in account.configuration
+  account.account (chart)         from template account.account_template_root_en ("Universal
+                                  Chart of Accounts"); default receivable (1.2.1), payable
+                                  (2.1.1), revenue (4.1.2 Services) and expense set in
+                                  account.configuration
   account.fiscalyear              names "<this year>" and "<next year>", Jan 1 - Dec 31,
                                   monthly periods, with move and invoice sequences
   product.category                name "Services" (accounting category, revenue account)
@@ -30,7 +32,7 @@ from decimal import Decimal
 
 COMPANY_NAME = "Tributary Demo Co"
 CURRENCY_CODE = "USD"
-CHART_TEMPLATE = "account.account_template_root_en"  # "Minimal Account Chart"
+CHART_TEMPLATE = "account.account_template_root_en"  # the English one of the charts shipped
 CATEGORY_NAME = "Services"
 PAYMENT_TERM_NAME = "Net 30"
 PRODUCTS = [

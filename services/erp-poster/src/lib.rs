@@ -2,7 +2,9 @@
 //!
 //! The service's processing lands with its own issue; until then it runs the common service
 //! shape: configuration, telemetry, the admin port, readiness once Kafka answers, and a clean
-//! exit on SIGTERM.
+//! exit on SIGTERM. The ERP client it will post through is [`tryton`].
+
+pub mod tryton;
 
 use tokio_util::sync::CancellationToken;
 use tributary_runtime::config::{KafkaConfig, NoSettings};
