@@ -2,5 +2,6 @@
 
 mod kafka_transactions;
 mod schema_registry;
+mod runtime;
 mod service_shape;
 mod tryton_erp;

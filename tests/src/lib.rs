@@ -5,6 +5,9 @@
 //! that every component answers and fails with instructions otherwise: a test that needs the
 //! stack never skips silently.
 
+pub mod echo;
+pub mod kafka;
+
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -84,3 +84,139 @@ mod tests {
         assert!(map.keys().all(|k| DeadLetter::is_dlq_header(k)));
     }
 }
+
+/// A record found in a DLQ.
+#[derive(Debug, Clone)]
+pub struct DlqEntry {
+    /// Where it sits in the DLQ.
+    pub location: tributary_contracts::codec::Location,
+    /// Why it is there; `None` if the `dlq_*` headers are missing (not written by Tributary).
+    pub letter: Option<DeadLetter>,
+    /// The original key.
+    pub key: Option<Vec<u8>>,
+    /// The original value.
+    pub payload: Option<Vec<u8>>,
+    /// All headers, the original ones and the `dlq_*` ones.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl DlqEntry {
+    /// The headers as text.
+    pub fn header_map(&self) -> BTreeMap<String, String> {
+        self.headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), String::from_utf8_lossy(v.as_ref()?).into_owned())))
+            .collect()
+    }
+}
+
+/// Which DLQ records to replay.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayFilter {
+    /// Only this error class.
+    pub class: Option<String>,
+    /// Only records whose first failure is at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only records whose first failure is before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// Only this DLQ partition.
+    pub partition: Option<i32>,
+    /// Only DLQ offsets in this inclusive range.
+    pub offsets: Option<(i64, i64)>,
+}
+
+impl ReplayFilter {
+    /// Whether `entry` passes the filter.
+    pub fn matches(&self, entry: &DlqEntry) -> bool {
+        let Some(letter) = &entry.letter else { return false };
+        self.class.as_ref().is_none_or(|class| *class == letter.class)
+            && self.since.is_none_or(|since| letter.first_failure_at >= since)
+            && self.until.is_none_or(|until| letter.first_failure_at < until)
+            && self.partition.is_none_or(|p| p == entry.location.partition)
+            && self.offsets.is_none_or(|(from, to)| (from..=to).contains(&entry.location.offset))
+    }
+}
+
+/// The DLQ topic of `service` on the cluster described by `kafka`.
+pub fn dlq_topic(kafka: &crate::config::KafkaConfig, service: &str) -> String {
+    kafka.topic(&tributary_contracts::topics::dlq_topic(service))
+}
+
+/// Every record in the DLQ of `service`.
+pub async fn list(kafka: &crate::config::KafkaConfig, service: &str) -> anyhow::Result<Vec<DlqEntry>> {
+    use rdkafka::message::{Headers, Message};
+    let topic = dlq_topic(kafka, service);
+    let mut entries = Vec::new();
+    crate::kafka::read_to_end(kafka, &topic, None, |message| {
+        let headers: Vec<(String, Option<Vec<u8>>)> = message
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
+            .unwrap_or_default();
+        let mut entry = DlqEntry {
+            location: tributary_contracts::codec::Location::new(&topic, message.partition(), message.offset()),
+            letter: None,
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+        };
+        entry.letter = DeadLetter::from_headers(&entry.header_map());
+        entries.push(entry);
+    })
+    .await?;
+    Ok(entries)
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// DLQ records read.
+    pub examined: usize,
+    /// Records that passed the filter (and were re-published, unless a dry run).
+    pub selected: usize,
+    /// Whether anything was written.
+    pub dry_run: bool,
+}
+
+/// Re-publishes the DLQ records of `service` that pass `filter` to their source topic (or to
+/// `target`), with their original key, value and headers, plus `replayed_from`. They pass the
+/// service's idempotency keys again, so replaying a record twice processes it once.
+pub async fn replay(
+    kafka: &crate::config::KafkaConfig,
+    service: &str,
+    filter: &ReplayFilter,
+    target: Option<&str>,
+    dry_run: bool,
+) -> anyhow::Result<ReplayReport> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let entries = list(kafka, service).await?;
+    let selected: Vec<&DlqEntry> = entries.iter().filter(|e| filter.matches(e)).collect();
+    let report = ReplayReport { examined: entries.len(), selected: selected.len(), dry_run };
+    if dry_run || selected.is_empty() {
+        return Ok(report);
+    }
+    let producer: FutureProducer =
+        crate::stream::producer_config(kafka).set("enable.idempotence", "true").set("acks", "all").create()?;
+    for entry in selected {
+        let letter = entry.letter.as_ref().expect("the filter passes only entries with DLQ headers");
+        let topic = target.unwrap_or(&letter.source.topic);
+        let mut headers = OwnedHeaders::new();
+        for (name, value) in entry.headers.iter().filter(|(name, _)| !DeadLetter::is_dlq_header(name)) {
+            headers = headers.insert(Header { key: name, value: value.as_deref() });
+        }
+        let origin = entry.location.to_string();
+        headers = headers.insert(Header { key: tributary_contracts::headers::REPLAYED_FROM, value: Some(&origin) });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(key) = &entry.key {
+            record = record.key(key);
+        }
+        if let Some(payload) = &entry.payload {
+            record = record.payload(payload);
+        }
+        producer
+            .send(record, std::time::Duration::from_secs(30))
+            .await
+            .map_err(|(error, _)| anyhow::Error::new(error).context(format!("replaying {origin} to {topic}")))?;
+    }
+    Ok(report)
+}

@@ -100,3 +100,58 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, TopicKind)]) ->
     }
     Ok(())
 }
+
+/// Reads `topic` (or only `partitions` of it) from the beginning to its end as of the call,
+/// `read_committed`, handing each record to `on_record`. The end is the high watermark seen at
+/// the start; the position passes transaction markers, so aborted tails do not stall it.
+pub async fn read_to_end(
+    kafka: &KafkaConfig,
+    topic: &str,
+    partitions: Option<&[i32]>,
+    mut on_record: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> Result<u64, rdkafka::error::KafkaError> {
+    use rdkafka::consumer::StreamConsumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
+    const IDLE: Duration = Duration::from_millis(200);
+
+    let consumer: StreamConsumer = client_config(kafka)
+        .set("group.id", format!("tributary-reader-{}", uuid::Uuid::new_v4().simple()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let wanted: Vec<i32> = match partitions {
+        Some(partitions) => partitions.to_vec(),
+        None => {
+            let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+            metadata.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default()
+        }
+    };
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = std::collections::BTreeMap::new();
+    for partition in wanted {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
+        if high > low {
+            assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
+            ends.insert(partition, high);
+        }
+    }
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    consumer.assign(&assignment)?;
+    let mut read = 0;
+    loop {
+        let positions = consumer.position()?;
+        let done = ends.iter().all(|(&p, &end)| {
+            matches!(positions.find_partition(topic, p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= end)
+        });
+        if done {
+            return Ok(read);
+        }
+        if let Ok(message) = tokio::time::timeout(IDLE, consumer.recv()).await {
+            on_record(&message?);
+            read += 1;
+        }
+    }
+}

@@ -33,7 +33,7 @@ use tributary_telemetry::{Health, ServiceMetrics};
 
 use crate::config::{KafkaConfig, RuntimeConfig};
 use crate::dlq::DeadLetter;
-use crate::kafka::{TopicKind, client_config, ensure_topics};
+use crate::kafka::{TopicKind, client_config, ensure_topics, read_to_end};
 use crate::processor::{Context, Input, Output, ProcessError, Processor, RecordMeta, Timer};
 use crate::retry;
 use crate::state::{IDEMPOTENCY_STORE, StoredTimer, TIMER_STORE, TxnState, changelog_topic};
@@ -42,8 +42,6 @@ use crate::state::{IDEMPOTENCY_STORE, StoredTimer, TIMER_STORE, TxnState, change
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often expired idempotency keys are swept.
 const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-/// How long to wait without records before rechecking the end of a changelog while restoring.
-const RESTORE_IDLE: Duration = Duration::from_millis(200);
 
 /// Everything the loop needs besides the processor.
 #[derive(Debug, Clone)]
@@ -335,47 +333,20 @@ impl<P: Processor> StreamRuntime<P> {
     /// Rebuilds the state of `partitions` from the changelogs, up to their current end.
     async fn restore(&mut self, partitions: &[i32]) -> anyhow::Result<()> {
         let started = Instant::now();
-        let consumer: StreamConsumer = client_config(&self.settings.kafka)
-            .set("group.id", format!("{}-restore", self.settings.service))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .create()
-            .context("creating the restore consumer")?;
         let mut restored = 0_u64;
         for store in self.stores.clone() {
             let topic = self.settings.kafka.topic(&changelog_topic(self.settings.service, store));
-            let mut assignment = TopicPartitionList::new();
-            let mut ends = BTreeMap::new();
-            for &partition in partitions {
-                let (low, high) = consumer.fetch_watermarks(&topic, partition, TXN_TIMEOUT)?;
-                if high > low {
-                    assignment.add_partition_offset(&topic, partition, Offset::Offset(low))?;
-                    ends.insert(partition, high);
-                }
-            }
-            if ends.is_empty() {
-                continue;
-            }
-            consumer.assign(&assignment)?;
-            loop {
-                let done = {
-                    let positions = consumer.position()?;
-                    ends.iter().all(|(&p, &end)| {
-                        matches!(positions.find_partition(&topic, p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= end)
-                    })
-                };
-                if done {
-                    break;
-                }
-                if let Ok(message) = tokio::time::timeout(RESTORE_IDLE, consumer.recv()).await {
-                    let message = message.context("reading a changelog")?;
-                    let Some(key) = message.key() else { continue };
+            let state = &mut self.state;
+            let read = read_to_end(&self.settings.kafka, &topic, Some(partitions), |message| {
+                if let Some(key) = message.key() {
                     let key = String::from_utf8_lossy(key).into_owned();
-                    self.state.restore(store, message.partition(), key, message.payload().map(<[u8]>::to_vec));
-                    restored += 1;
+                    state.restore(store, message.partition(), key, message.payload().map(<[u8]>::to_vec));
                 }
-            }
-            self.metrics.state_records_restored.get_or_create(&TopicLabels { topic: topic.clone() }).inc_by(restored);
+            })
+            .await
+            .with_context(|| format!("restoring {topic}"))?;
+            self.metrics.state_records_restored.get_or_create(&TopicLabels { topic }).inc_by(read);
+            restored += read;
         }
         tracing::info!(?partitions, restored, elapsed = ?started.elapsed(), "state restored");
         Ok(())

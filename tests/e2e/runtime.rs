@@ -1,0 +1,320 @@
+//! The stream runtime's guarantees on the real broker, with the echo test service
+//! (`tributary_tests::echo`): one output per input, a running count per account in state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rand::Rng as _;
+use tokio::process::{Child, Command};
+use tributary_contracts::codec::Codec;
+use tributary_contracts::headers;
+use tributary_contracts::types::{UsageEvent, UsageRecorded};
+use tributary_runtime::ServiceConfig;
+use tributary_runtime::dlq::{self, ReplayFilter};
+use tributary_runtime::service::{RunningService, spawn};
+use tributary_tests::echo::{EchoService, EchoSettings, INPUT_EVENT, NAME, input_topic, output_topic};
+use tributary_tests::kafka::{Read, codec, produce, produce_raw, producer, read_to_end, usage_event};
+use tributary_tests::{Stack, eventually, stack, unique_name};
+
+/// One test's isolated world: topics under a unique prefix, a unique consumer group.
+struct World {
+    stack: &'static Stack,
+    prefix: String,
+    group: String,
+    codec: Codec,
+}
+
+impl World {
+    fn new() -> Self {
+        let stack = stack();
+        let prefix = format!("{}.", unique_name("rt"));
+        Self { stack, codec: codec(stack, &prefix), group: unique_name("echo"), prefix }
+    }
+
+    fn config(&self, instance: &str, settings: EchoSettings) -> ServiceConfig<EchoSettings> {
+        let mut config = self.stack.service_config::<EchoSettings>("echo");
+        config.kafka.group_id = Some(self.group.clone());
+        config.kafka.transactional_id_prefix = Some(self.group.clone());
+        config.kafka.topic_prefix = self.prefix.clone();
+        config.runtime.instance_id = instance.to_owned();
+        config.service = settings;
+        config
+    }
+
+    async fn start(&self, instance: &str, settings: EchoSettings) -> RunningService {
+        let service = spawn::<EchoService>(self.config(instance, settings)).await.expect("start the echo service");
+        let ready = format!("http://{}/health/ready", service.admin_addr);
+        eventually(Duration::from_secs(60), "the echo service to be ready", || async {
+            reqwest::get(&ready).await.ok().filter(|r| r.status().is_success())
+        })
+        .await;
+        service
+    }
+
+    /// The process-level echo service, for tests that kill it.
+    fn spawn_process(&self, binary: &std::path::Path, instance: &str) -> Child {
+        Command::new(binary)
+            .envs(self.stack.service_env())
+            .env("TRIBUTARY__KAFKA__TOPIC_PREFIX", &self.prefix)
+            .env("TRIBUTARY__KAFKA__GROUP_ID", &self.group)
+            .env("TRIBUTARY__KAFKA__TRANSACTIONAL_ID_PREFIX", &self.group)
+            .env("TRIBUTARY__RUNTIME__INSTANCE_ID", instance)
+            .env("TRIBUTARY__ADMIN__LISTEN", "127.0.0.1:0")
+            .env("TRIBUTARY__LOG__FILTER", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start echo-service")
+    }
+
+    async fn produce(&self, events: &[UsageEvent]) {
+        produce(&producer(self.stack), &self.codec, &input_topic(&self.prefix), events).await;
+    }
+
+    async fn outputs(&self) -> Vec<Read<UsageRecorded>> {
+        read_to_end(self.stack, &self.codec, &output_topic(&self.prefix)).await
+    }
+
+    /// Waits until outputs for `expected` distinct inputs are committed.
+    async fn wait_for_outputs(&self, expected: usize, timeout: Duration) {
+        eventually(timeout, &format!("{expected} outputs"), || async {
+            let distinct: BTreeSet<String> = self.outputs().await.iter().filter_map(input_of).collect();
+            (distinct.len() >= expected).then_some(())
+        })
+        .await;
+    }
+}
+
+fn input_of(read: &Read<UsageRecorded>) -> Option<String> {
+    read.value.as_ref()?.dimensions.get(INPUT_EVENT).cloned()
+}
+
+/// Exactly one output per input, and per account the running counts 1..=n in order: nothing
+/// lost, nothing doubled, state neither lost nor double-counted.
+fn assert_exactly_once(outputs: &[Read<UsageRecorded>], inputs: &[UsageEvent]) {
+    let undecodable = outputs.iter().filter(|r| r.value.is_none()).count();
+    assert_eq!(undecodable, 0, "every output decodes");
+    let mut per_input: BTreeMap<String, usize> = BTreeMap::new();
+    for output in outputs {
+        *per_input.entry(input_of(output).unwrap()).or_default() += 1;
+    }
+    let expected: BTreeSet<String> = inputs.iter().map(|e| e.id.clone()).collect();
+    let missing: Vec<_> = expected.iter().filter(|id| !per_input.contains_key(*id)).collect();
+    let doubled: Vec<_> = per_input.iter().filter(|(_, n)| **n > 1).collect();
+    let unexpected: Vec<_> = per_input.keys().filter(|id| !expected.contains(*id)).collect();
+    assert!(missing.is_empty(), "{} input(s) without output, e.g. {:?}", missing.len(), missing.first());
+    assert!(doubled.is_empty(), "{} input(s) with several outputs, e.g. {:?}", doubled.len(), doubled.first());
+    assert!(unexpected.is_empty(), "outputs for unknown inputs: {unexpected:?}");
+
+    let mut sequences: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for output in outputs {
+        let value = output.value.as_ref().unwrap();
+        sequences.entry(value.envelope.account_id.clone()).or_default().push(value.sequence);
+    }
+    for (account, mut seen) in sequences {
+        seen.sort_unstable();
+        let n = seen.len() as i64;
+        assert_eq!(seen, (1..=n).collect::<Vec<_>>(), "account {account}: running counts must be 1..={n}");
+    }
+}
+
+fn events(accounts: usize, per_account: usize) -> Vec<UsageEvent> {
+    (0..per_account).flat_map(|_| (0..accounts).map(|a| usage_event(&format!("acct-{a}")))).collect()
+}
+
+fn echo_binary() -> std::path::PathBuf {
+    escargot::CargoBuild::new()
+        .package("tributary-tests")
+        .bin("echo-service")
+        .current_release()
+        .run()
+        .expect("build the echo-service binary")
+        .path()
+        .to_owned()
+}
+
+fn signal(child: &Child, signal: Signal) {
+    kill(Pid::from_raw(child.id().expect("running") as i32), signal).expect("signal");
+}
+
+#[tokio::test]
+async fn a_repeated_input_yields_one_output_also_when_it_repeats_after_a_restart() {
+    let world = World::new();
+    let inputs = events(3, 2);
+    let service = world.start("a", EchoSettings::default()).await;
+    world.produce(&inputs).await;
+    world.produce(&inputs[..2]).await; // the platform retried two events
+    world.wait_for_outputs(inputs.len(), Duration::from_secs(60)).await;
+    service.stop().await.expect("clean stop");
+
+    let service = world.start("a", EchoSettings::default()).await;
+    world.produce(&inputs).await; // every event once more, after the restart
+    let late = events(1, 1);
+    world.produce(&late).await;
+    world.wait_for_outputs(inputs.len() + late.len(), Duration::from_secs(60)).await;
+    service.stop().await.expect("clean stop");
+
+    let all: Vec<UsageEvent> = inputs.iter().chain(&late).cloned().collect();
+    assert_exactly_once(&world.outputs().await, &all);
+}
+
+#[tokio::test]
+async fn a_transient_failure_is_retried_and_processed_once() {
+    let world = World::new();
+    let settings = EchoSettings { flaky_type: Some("flaky".into()), flaky_failures: 2, ..EchoSettings::default() };
+    let service = world.start("a", settings).await;
+    let mut flaky = usage_event("acct-flaky");
+    flaky.r#type = "flaky".into();
+    world.produce(std::slice::from_ref(&flaky)).await;
+    world.wait_for_outputs(1, Duration::from_secs(60)).await;
+    let metrics = reqwest::get(format!("http://{}/metrics", service.admin_addr)).await.unwrap().text().await.unwrap();
+    service.stop().await.expect("clean stop");
+    assert!(metrics.contains(r#"tributary_retries_total{stage="process"} 2"#), "{metrics}");
+    assert_exactly_once(&world.outputs().await, &[flaky]);
+    assert!(dlq::list(&world.config("a", EchoSettings::default()).kafka, NAME).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_poison_record_goes_to_the_dlq_and_a_replay_after_the_fix_processes_it_exactly_once() {
+    let world = World::new();
+    let reject = EchoSettings { reject_type: Some("poison".into()), ..EchoSettings::default() };
+    let service = world.start("a", reject).await;
+    let before = usage_event("acct-1");
+    let mut poison = usage_event("acct-1");
+    poison.r#type = "poison".into();
+    let after = usage_event("acct-1");
+    world.produce(&[before.clone(), poison.clone(), after.clone()]).await;
+    // Bytes that are not Avro at all go to the DLQ as well, with a decode error.
+    produce_raw(&producer(world.stack), &input_topic(&world.prefix), "acct-1", b"{\"not\": \"avro\"}").await;
+    world.wait_for_outputs(2, Duration::from_secs(60)).await;
+    service.stop().await.expect("clean stop");
+
+    let kafka = world.config("a", EchoSettings::default()).kafka;
+    let letters = dlq::list(&kafka, NAME).await.unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let poisoned = letters.iter().find(|e| e.letter.as_ref().unwrap().class == "validation").expect("poison");
+    let letter = poisoned.letter.as_ref().unwrap();
+    assert_eq!(letter.source.topic, input_topic(&world.prefix));
+    assert_eq!(letter.attempts, 1);
+    assert!(letter.message.contains("poison"), "{letter:?}");
+    let headers = poisoned.header_map();
+    for name in [headers::DLQ_SOURCE_PARTITION, headers::DLQ_SOURCE_OFFSET, headers::DLQ_FIRST_FAILURE_AT] {
+        assert!(headers.contains_key(name), "missing {name}: {headers:?}");
+    }
+    let garbage = letters.iter().find(|e| e.letter.as_ref().unwrap().class == "decode.wrong_magic_byte");
+    assert!(garbage.is_some(), "the non-Avro record is dead-lettered with its decode class: {letters:?}");
+    let outputs = world.outputs().await;
+    assert_exactly_once(&outputs, &[before.clone(), after.clone()]);
+
+    // The cause is fixed (the service no longer refuses the type) and the record replayed.
+    let service = world.start("a", EchoSettings::default()).await;
+    let only_poison = ReplayFilter { class: Some("validation".into()), ..ReplayFilter::default() };
+    let dry = dlq::replay(&kafka, NAME, &only_poison, None, true).await.unwrap();
+    assert_eq!((dry.examined, dry.selected), (2, 1));
+    dlq::replay(&kafka, NAME, &only_poison, None, false).await.unwrap();
+    world.wait_for_outputs(3, Duration::from_secs(60)).await;
+    // A second replay of the same record passes the idempotency keys: nothing new.
+    dlq::replay(&kafka, NAME, &only_poison, None, false).await.unwrap();
+    let marker = usage_event("acct-2");
+    world.produce(std::slice::from_ref(&marker)).await;
+    world.wait_for_outputs(4, Duration::from_secs(60)).await;
+    service.stop().await.expect("clean stop");
+    assert_exactly_once(&world.outputs().await, &[before, poison, after, marker]);
+}
+
+#[tokio::test]
+async fn two_instances_split_the_partitions_and_one_takes_over_the_others_state() {
+    let world = World::new();
+    let first = world.start("a", EchoSettings::default()).await;
+    let second = world.start("b", EchoSettings::default()).await;
+    let phase_one = events(12, 20);
+    world.produce(&phase_one).await;
+    world.wait_for_outputs(phase_one.len(), Duration::from_secs(90)).await;
+    let consumed = |addr| async move {
+        let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("tributary_records_consumed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let (by_first, by_second) = (consumed(first.admin_addr).await, consumed(second.admin_addr).await);
+    assert!(by_first > 0.0 && by_second > 0.0, "both instances worked: {by_first} and {by_second}");
+
+    first.stop().await.expect("clean stop");
+    let phase_two = events(12, 20);
+    world.produce(&phase_two).await;
+    world.wait_for_outputs(phase_one.len() + phase_two.len(), Duration::from_secs(90)).await;
+    second.stop().await.expect("clean stop");
+
+    let all: Vec<UsageEvent> = phase_one.into_iter().chain(phase_two).collect();
+    assert_exactly_once(&world.outputs().await, &all);
+}
+
+#[tokio::test]
+async fn outputs_are_exactly_once_when_the_process_is_killed_at_random_moments() {
+    let world = World::new();
+    let binary = echo_binary();
+    let inputs = events(20, 100);
+    let feeder = {
+        let (stack, codec, topic) = (world.stack, world.codec.clone(), input_topic(&world.prefix));
+        let inputs = inputs.clone();
+        tokio::spawn(async move {
+            let producer = producer(stack);
+            for chunk in inputs.chunks(100) {
+                produce(&producer, &codec, &topic, chunk).await;
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        })
+    };
+    let mut rng = rand::rng();
+    for crash in 0..4 {
+        let child = world.spawn_process(&binary, "crashy");
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..4_000))).await;
+        signal(&child, Signal::SIGKILL);
+        let status = child.wait_with_output().await.expect("wait");
+        assert!(!status.status.success(), "crash {crash}: the process was killed");
+    }
+    feeder.await.expect("feeder");
+    let mut last = world.spawn_process(&binary, "crashy");
+    world.wait_for_outputs(inputs.len(), Duration::from_secs(120)).await;
+    signal(&last, Signal::SIGTERM);
+    let status = tokio::time::timeout(Duration::from_secs(30), last.wait()).await.expect("stops").expect("wait");
+    assert_eq!(status.code(), Some(0));
+    assert_exactly_once(&world.outputs().await, &inputs);
+}
+
+#[tokio::test]
+async fn sigterm_during_load_exits_0_and_loses_or_doubles_nothing() {
+    let world = World::new();
+    let binary = echo_binary();
+    let inputs = events(10, 100);
+    let mut child = world.spawn_process(&binary, "graceful");
+    world.produce(&inputs[..300]).await;
+    let feeder = {
+        let (stack, codec, topic) = (world.stack, world.codec.clone(), input_topic(&world.prefix));
+        let rest = inputs[300..].to_vec();
+        tokio::spawn(async move {
+            let producer = producer(stack);
+            for chunk in rest.chunks(50) {
+                produce(&producer, &codec, &topic, chunk).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    signal(&child, Signal::SIGTERM);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("stops in grace").unwrap();
+    assert_eq!(status.code(), Some(0), "clean exit on SIGTERM under load");
+    feeder.await.expect("feeder");
+
+    let mut child = world.spawn_process(&binary, "graceful");
+    world.wait_for_outputs(inputs.len(), Duration::from_secs(120)).await;
+    signal(&child, Signal::SIGTERM);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("stops").unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_exactly_once(&world.outputs().await, &inputs);
+}

@@ -1,0 +1,119 @@
+//! Producing inputs and reading outputs of the real broker, for tests.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tributary_contracts::codec::{Codec, Location};
+use tributary_contracts::registry::{RegistryClient, RegistryResolver};
+use tributary_contracts::types::{Envelope, UsageEvent};
+use tributary_contracts::{Contract, Decimal6};
+use tributary_runtime::stream::producer_config;
+
+use crate::Stack;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A codec through the stack's registry, for topics under `prefix`.
+pub fn codec(stack: &Stack, prefix: &str) -> Codec {
+    let client = RegistryClient::new(&stack.registry_url, None, None).expect("registry client");
+    Codec::new(Arc::new(RegistryResolver::new(client))).with_topic_prefix(prefix)
+}
+
+/// A usage event from a test platform for `account`.
+pub fn usage_event(account: &str) -> UsageEvent {
+    let now = Utc::now();
+    let envelope = Envelope::originating("test-platform", account, now);
+    UsageEvent {
+        id: envelope.event_id.clone(),
+        source: "test-platform".into(),
+        r#type: "api.call".into(),
+        subject: account.into(),
+        time: now.timestamp_millis(),
+        data: "{}".into(),
+        subscription_id: Some(format!("sub-{account}")),
+        meter: Some("api_calls".into()),
+        quantity: Some(Decimal6::from(1)),
+        unit: Some("call".into()),
+        dimensions: Default::default(),
+        received_at: None,
+        envelope,
+    }
+}
+
+/// An idempotent producer (acks=all) with the Java partitioner, as platforms would use.
+pub fn producer(stack: &Stack) -> FutureProducer {
+    producer_config(&stack.kafka()).set("enable.idempotence", "true").set("acks", "all").create().expect("producer")
+}
+
+/// Writes `values` to `topic`, keyed by their account ids, in order.
+pub async fn produce<T: Contract>(producer: &FutureProducer, codec: &Codec, topic: &str, values: &[T]) {
+    for value in values {
+        let payload = codec.encode(value).await.expect("encode");
+        let key = value.envelope().account_id.clone();
+        producer
+            .send(FutureRecord::to(topic).key(&key).payload(&payload), TIMEOUT)
+            .await
+            .map_err(|(error, _)| error)
+            .expect("produce");
+    }
+}
+
+/// Writes raw bytes to `topic` under `key`.
+pub async fn produce_raw(producer: &FutureProducer, topic: &str, key: &str, payload: &[u8]) {
+    producer
+        .send(FutureRecord::to(topic).key(key).payload(payload), TIMEOUT)
+        .await
+        .map_err(|(error, _)| error)
+        .expect("produce");
+}
+
+/// A record read back.
+#[derive(Debug, Clone)]
+pub struct Read<T> {
+    /// Where it was.
+    pub location: Location,
+    /// Its key.
+    pub key: Option<String>,
+    /// Its headers.
+    pub headers: BTreeMap<String, String>,
+    /// Its raw value.
+    pub payload: Option<Vec<u8>>,
+    /// Its decoded value, if it decodes as `T`.
+    pub value: Option<T>,
+}
+
+/// Every committed record of `topic` from the beginning to the end as of now, decoded as `T`
+/// where possible. Call it when the writers have stopped, so that "the end" is final.
+pub async fn read_to_end<T: Contract>(stack: &Stack, codec: &Codec, topic: &str) -> Vec<Read<T>> {
+    let mut raw = Vec::new();
+    tributary_runtime::kafka::read_to_end(&stack.kafka(), topic, None, |message| {
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .filter_map(|h| Some((h.key.to_owned(), String::from_utf8_lossy(h.value?).into_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        raw.push(Read::<T> {
+            location: Location::new(topic, message.partition(), message.offset()),
+            key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            headers,
+            payload: message.payload().map(<[u8]>::to_vec),
+            value: None,
+        });
+    })
+    .await
+    .expect("read the topic to its end");
+    for record in &mut raw {
+        if let Some(payload) = &record.payload {
+            let logical = Location::new(T::TOPIC, record.location.partition, record.location.offset);
+            record.value = codec.decode::<T>(&logical, payload).await.ok();
+        }
+    }
+    raw
+}
