@@ -1,7 +1,7 @@
 //! End-to-end tests against the real local stack. Start it with `make up`, or run `make test`.
 
 mod kafka_transactions;
-mod schema_registry;
 mod runtime;
+mod schema_registry;
 mod service_shape;
 mod tryton_erp;

@@ -169,8 +169,6 @@ def diff(expected, got, path="$"):
         return out
     if kind == "array":
         out = []
-        if len(expected) != len(got):
-            out.append(f"{path}: expected {len(expected)} items got {len(got)}")
         for i, (e, g) in enumerate(zip(expected, got)):
             out.extend(diff(e, g, f"{path}[{i}]"))
         for i in range(len(got), len(expected)):

@@ -216,6 +216,13 @@ impl<P: Processor> StreamRuntime<P> {
             // so the state of partition p of every input lives in one instance.
             .set("partition.assignment.strategy", "range")
             .set("statistics.interval.ms", "5000")
+            // Static membership: a restarted instance (same instance id) takes its partitions
+            // back at once instead of waiting for the group to expire its predecessor.
+            .set("group.instance.id", format!("{group}-{}", settings.instance_id))
+            .set(
+                "session.timeout.ms",
+                settings.kafka.properties.get("session.timeout.ms").map_or("10000", String::as_str),
+            )
             .create_with_context(context)
             .context("creating the consumer")?;
         let subscription: Vec<&str> = inputs.iter().map(String::as_str).collect();
