@@ -1,5 +1,6 @@
 //! End-to-end tests against the real local stack. Start it with `make up`, or run `make test`.
 
+mod contracts;
 mod kafka_transactions;
 mod runtime;
 mod schema_registry;
