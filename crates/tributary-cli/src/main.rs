@@ -7,6 +7,7 @@
 //! Kafka and registry settings come from the same `TRIBUTARY__KAFKA__…` and
 //! `TRIBUTARY__REGISTRY__…` variables as the services, or from the flags.
 
+mod dlq;
 mod schemas;
 mod tap;
 
@@ -37,6 +38,9 @@ enum Command {
     Schemas(SchemasCommand),
     /// Print a topic as JSON lines, decoded through the registry.
     Tap(tap::TapArgs),
+    /// Dead letters: list, show, replay.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,18 +90,16 @@ fn connections(cli: &Cli) -> anyhow::Result<Connections> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let outcome = match &cli.command {
-        Command::Schemas(SchemasCommand::Check { dir }) => schemas::check(dir),
-        Command::Schemas(SchemasCommand::Release { dir }) => schemas::release(dir),
-        Command::Schemas(SchemasCommand::Register { dir }) => match connections(&cli) {
-            Ok(connections) => schemas::register(&connections, dir).await,
-            Err(error) => Err(error),
-        },
-        Command::Tap(args) => match connections(&cli) {
-            Ok(connections) => tap::run(&connections, args).await,
-            Err(error) => Err(error),
-        },
-    };
+    let outcome = async {
+        match &cli.command {
+            Command::Schemas(SchemasCommand::Check { dir }) => schemas::check(dir),
+            Command::Schemas(SchemasCommand::Release { dir }) => schemas::release(dir),
+            Command::Schemas(SchemasCommand::Register { dir }) => schemas::register(&connections(&cli)?, dir).await,
+            Command::Tap(args) => tap::run(&connections(&cli)?, args).await,
+            Command::Dlq(command) => dlq::run(&connections(&cli)?, command).await,
+        }
+    }
+    .await;
     match outcome {
         Ok(code) => code,
         Err(error) => {
