@@ -15,7 +15,7 @@ CLIPPY_FLAGS := --workspace --all-targets -- -D warnings
 LOCAL := deploy/local
 WITH_STACK := $(LOCAL)/with-stack.sh
 
-.PHONY: help up down status demo test test-unit lint schemas bench build
+.PHONY: help up down status demo test lint schemas bench build
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,17 +32,22 @@ status: ## Health of each stack component
 build: ## Build every binary
 	cargo build --workspace --bins
 
-demo: ## Run the demo scenario on the local stack (for now: start the stack and report its health)
+demo: ## Run the demo scenario on the local stack (for now: start the stack, register the contracts, report health)
 	$(LOCAL)/up.sh
+	. $(LOCAL)/env.sh && cargo run --quiet -p tributary-cli -- --registry-url "$$TRIBUTARY_REGISTRY_URL" schemas register
 	$(LOCAL)/status.sh
 
-lint: ## rustfmt and clippy, warnings as errors
+lint: schemas ## rustfmt and clippy (warnings as errors), and the schema gates
 	cargo fmt --all -- --check
 	cargo clippy $(CLIPPY_FLAGS)
+
+schemas: ## Offline schema gates: conventions, and FULL_TRANSITIVE against every released version
+	python3 schemas/check_conventions.py
+	cargo run --quiet -p tributary-cli -- schemas check
 
 test: lint ## Every test, unit and end-to-end; starts the stack if needed and stops what it started
 	cargo build --workspace --bins --tests
 	$(WITH_STACK) cargo test --workspace --no-fail-fast
 
 bench: ## Benchmarks against the local stack; results in BENCHMARKS.md
-	$(WITH_STACK) cargo bench --workspace
+	$(WITH_STACK) cargo bench -p tributary-tests --bench runtime

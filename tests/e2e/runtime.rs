@@ -15,8 +15,8 @@ use tributary_contracts::types::{UsageEvent, UsageRecorded};
 use tributary_runtime::ServiceConfig;
 use tributary_runtime::dlq::{self, ReplayFilter};
 use tributary_runtime::service::{RunningService, spawn};
-use tributary_tests::echo::{EchoService, EchoSettings, INPUT_EVENT, NAME, input_topic, output_topic};
-use tributary_tests::kafka::{Read, codec, produce, produce_raw, producer, read_to_end, usage_event};
+use tributary_tests::echo::{EchoService, EchoSettings, FOLLOW_UP, INPUT_EVENT, NAME, input_topic, output_topic};
+use tributary_tests::kafka::{Read, codec, produce, produce_raw, produce_with_headers, producer, read_to_end, usage_event};
 use tributary_tests::{Stack, eventually, stack, unique_name};
 
 /// One test's isolated world: topics under a unique prefix, a unique consumer group.
@@ -317,4 +317,95 @@ async fn sigterm_during_load_exits_0_and_loses_or_doubles_nothing() {
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("stops").unwrap();
     assert_eq!(status.code(), Some(0));
     assert_exactly_once(&world.outputs().await, &inputs);
+}
+
+#[tokio::test]
+async fn trace_context_and_correlation_id_travel_from_input_to_output() {
+    // The services install this at start; the test process does it once for its services.
+    let _telemetry = tributary_telemetry::logging::init(
+        "runtime-tests",
+        &tributary_telemetry::LoggingConfig { filter: "warn".into(), ..Default::default() },
+    )
+    .unwrap();
+    let world = World::new();
+    let service = world.start("a", EchoSettings::default()).await;
+    let input = usage_event("acct-traced");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    produce_with_headers(
+        &producer(world.stack),
+        &world.codec,
+        &input_topic(&world.prefix),
+        &input,
+        &[("traceparent", traceparent.as_str()), (headers::CORRELATION_ID, input.envelope.correlation_id.as_str())],
+    )
+    .await;
+    world.wait_for_outputs(1, Duration::from_secs(60)).await;
+    service.stop().await.expect("clean stop");
+
+    let outputs = world.outputs().await;
+    let output = &outputs[0];
+    let value = output.value.as_ref().unwrap();
+    assert_eq!(value.envelope.correlation_id, input.envelope.correlation_id, "same business flow");
+    assert_eq!(value.envelope.causation_id.as_deref(), Some(input.envelope.event_id.as_str()));
+    assert_eq!(output.headers.get(headers::CORRELATION_ID), Some(&input.envelope.correlation_id));
+    assert_eq!(output.headers.get(headers::CE_ID), Some(&value.envelope.event_id));
+    assert_eq!(output.headers.get(headers::CE_TYPE).map(String::as_str), Some("io.tributary.usage.UsageRecorded"));
+    let out_parent = output.headers.get("traceparent").expect("a traceparent on the output");
+    assert!(out_parent.contains(trace_id), "the output continues the input's trace: {out_parent}");
+    assert_ne!(out_parent, &traceparent, "under a span of its own");
+}
+
+#[tokio::test]
+async fn a_timer_survives_a_restart_and_fires_once() {
+    let world = World::new();
+    let settings = EchoSettings { follow_up_after_ms: Some(4_000), ..EchoSettings::default() };
+    let service = world.start("a", settings.clone()).await;
+    let input = usage_event("acct-timer");
+    world.produce(std::slice::from_ref(&input)).await;
+    world.wait_for_outputs(1, Duration::from_secs(60)).await;
+    service.stop().await.expect("clean stop, before the timer is due");
+    let follow_ups = |outputs: &[Read<UsageRecorded>]| {
+        outputs.iter().filter(|r| r.value.as_ref().is_some_and(|v| v.dimensions.contains_key(FOLLOW_UP))).count()
+    };
+    assert_eq!(follow_ups(&world.outputs().await), 0, "not due yet");
+
+    let service = world.start("a", settings).await;
+    eventually(Duration::from_secs(60), "the follow-up after the restart", || async {
+        (follow_ups(&world.outputs().await) > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // a few more ticks: it must not fire again
+    service.stop().await.expect("clean stop");
+    let outputs = world.outputs().await;
+    assert_eq!(follow_ups(&outputs), 1, "the timer fired exactly once");
+    let follow_up = outputs.iter().find_map(|r| r.value.as_ref().filter(|v| v.is_final)).unwrap();
+    assert_eq!(follow_up.envelope.causation_id.as_deref(), Some(input.envelope.event_id.as_str()));
+    assert_eq!(follow_up.event_count, 1, "the timer saw the restored state");
+}
+
+#[tokio::test]
+async fn an_unavailable_downstream_pauses_the_partition_without_dead_lettering_and_keeps_order() {
+    let world = World::new();
+    let settings = EchoSettings {
+        unavailable_type: Some("needs-erp".into()),
+        unavailable_for_ms: 3_000,
+        ..EchoSettings::default()
+    };
+    let service = world.start("a", settings).await;
+    let started = std::time::Instant::now();
+    let mut blocked = usage_event("acct-paused");
+    blocked.r#type = "needs-erp".into();
+    let behind = usage_event("acct-paused"); // same account, same partition, after it
+    world.produce(&[blocked.clone(), behind.clone()]).await;
+    world.wait_for_outputs(2, Duration::from_secs(60)).await;
+    let waited = started.elapsed();
+    service.stop().await.expect("clean stop");
+
+    assert!(waited >= Duration::from_millis(2_500), "the record waited for its downstream ({waited:?})");
+    let outputs = world.outputs().await;
+    assert_exactly_once(&outputs, &[blocked.clone(), behind]);
+    let first = outputs.iter().min_by_key(|r| r.value.as_ref().unwrap().sequence).unwrap();
+    assert_eq!(input_of(first).as_deref(), Some(blocked.id.as_str()), "order within the partition is kept");
+    assert!(dlq::list(&world.config("a", EchoSettings::default()).kafka, NAME).await.unwrap().is_empty());
 }

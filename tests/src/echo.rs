@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tributary_contracts::types::{Envelope, UsageEvent, UsageRecorded, WindowKind};
 use tributary_contracts::{Decimal6, topics};
 use tributary_runtime::{
-    BuildContext, Context, Output, ProcessError, Processor, Service, ServiceConfig, ServiceSection, StreamRuntime,
+    BuildContext, Context, Output, ProcessError, Processor, Service, ServiceConfig, ServiceSection, StreamRuntime, Timer,
     registry_codec, stream_settings,
 };
 
@@ -32,6 +32,14 @@ pub struct EchoSettings {
     pub flaky_type: Option<String>,
     /// How many times a flaky input fails.
     pub flaky_failures: u32,
+    /// Inputs of this `type` find their downstream unavailable until `unavailable_for_ms`
+    /// after the service started.
+    pub unavailable_type: Option<String>,
+    /// How long the downstream of `unavailable_type` is unavailable.
+    pub unavailable_for_ms: u64,
+    /// When set, the first input of an account schedules a follow-up timer this far ahead,
+    /// which emits a final record for the account.
+    pub follow_up_after_ms: Option<u64>,
 }
 
 impl ServiceSection for EchoSettings {}
@@ -42,11 +50,22 @@ struct Count {
     total: Decimal6,
 }
 
+/// The `dimensions` entry of a record emitted by the follow-up timer.
+pub const FOLLOW_UP: &str = "follow_up";
+
 /// The processor.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EchoProcessor {
     settings: EchoSettings,
     flaky_attempts: std::collections::HashMap<String, u32>,
+    started: std::time::Instant,
+}
+
+impl EchoProcessor {
+    /// A processor with `settings`.
+    pub fn new(settings: EchoSettings) -> Self {
+        Self { settings, flaky_attempts: Default::default(), started: std::time::Instant::now() }
+    }
 }
 
 impl Processor for EchoProcessor {
@@ -67,9 +86,24 @@ impl Processor for EchoProcessor {
                 return Err(ProcessError::retryable("flaky", format!("attempt {attempts} fails on purpose")));
             }
         }
+        if self.settings.unavailable_type.as_deref() == Some(input.r#type.as_str()) {
+            let until = std::time::Duration::from_millis(self.settings.unavailable_for_ms);
+            if self.started.elapsed() < until {
+                return Err(ProcessError::Unavailable {
+                    downstream: "test-downstream",
+                    retry_after: std::time::Duration::from_millis(500),
+                    message: "in a maintenance window".into(),
+                });
+            }
+        }
         let account = input.envelope.account_id.clone();
         let mut count: Count = context.get(COUNTS, &account)?.unwrap_or_default();
         count.count += 1;
+        if let (1, Some(delay)) = (count.count, self.settings.follow_up_after_ms) {
+            let due = context.now() + chrono::Duration::milliseconds(delay as i64);
+            let payload = serde_json::json!({"envelope": serde_json::to_value(&input.envelope).unwrap_or_default()});
+            context.schedule(&format!("follow-up/{account}"), due, payload)?;
+        }
         let quantity = input.quantity.unwrap_or(Decimal6::from(1));
         count.total = Decimal6::new(count.total.value() + quantity.value())
             .map_err(|e| ProcessError::permanent("validation", e.to_string()))?;
@@ -93,6 +127,37 @@ impl Processor for EchoProcessor {
         context.emit(Output::new(account, output));
         Ok(())
     }
+
+    async fn on_timer(&mut self, context: &mut Context<'_>, timer: &Timer) -> Result<(), ProcessError> {
+        Self::follow_up(context, timer)
+    }
+}
+
+impl EchoProcessor {
+    fn follow_up(context: &mut Context<'_>, timer: &Timer) -> Result<(), ProcessError> {
+        let cause: Envelope = serde_json::from_value(timer.payload["envelope"].clone())
+            .map_err(|e| ProcessError::permanent("timer", e.to_string()))?;
+        let account = cause.account_id.clone();
+        let count: Count = context.get(COUNTS, &account)?.unwrap_or_default();
+        let output = UsageRecorded {
+            envelope: Envelope::caused_by(&cause, NAME, "follow-up", context.now()),
+            subscription_id: None,
+            contract_id: None,
+            meter: "events".into(),
+            unit: "event".into(),
+            window_kind: WindowKind::BillingPeriod,
+            window_start: timer.due_at.timestamp_millis(),
+            window_end: timer.due_at.timestamp_millis(),
+            total_quantity: count.total,
+            event_count: count.count,
+            last_event_at: timer.due_at.timestamp_millis(),
+            dimensions: [(FOLLOW_UP.to_owned(), timer.key.clone())].into(),
+            sequence: 0,
+            is_final: true,
+        };
+        context.emit(Output::new(account, output));
+        Ok(())
+    }
 }
 
 /// The service: the echo processor on the stream runtime.
@@ -107,7 +172,7 @@ impl Service for EchoService {
     type Settings = EchoSettings;
 
     async fn build(config: ServiceConfig<EchoSettings>, context: &mut BuildContext) -> anyhow::Result<Self> {
-        let processor = EchoProcessor { settings: config.service.clone(), ..EchoProcessor::default() };
+        let processor = EchoProcessor::new(config.service.clone());
         let runtime = StreamRuntime::new(
             stream_settings(NAME, &config),
             processor,

@@ -117,3 +117,25 @@ pub async fn read_to_end<T: Contract>(stack: &Stack, codec: &Codec, topic: &str)
     }
     raw
 }
+
+/// Writes `value` to `topic` with extra `headers`.
+pub async fn produce_with_headers<T: Contract>(
+    producer: &FutureProducer,
+    codec: &Codec,
+    topic: &str,
+    value: &T,
+    headers: &[(&str, &str)],
+) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let payload = codec.encode(value).await.expect("encode");
+    let key = value.envelope().account_id.clone();
+    let mut owned = OwnedHeaders::new();
+    for (name, text) in headers {
+        owned = owned.insert(Header { key: name, value: Some(*text) });
+    }
+    producer
+        .send(FutureRecord::to(topic).key(&key).payload(&payload).headers(owned), TIMEOUT)
+        .await
+        .map_err(|(error, _)| error)
+        .expect("produce");
+}

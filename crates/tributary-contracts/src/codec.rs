@@ -201,6 +201,24 @@ pub fn reader_schema(topic: &str) -> Option<&'static Schema> {
         .get(topic)
 }
 
+/// The full Avro name of a contract topic's value record, e.g. `io.tributary.usage.UsageEvent`:
+/// the CloudEvents `type` of its records.
+pub fn record_full_name(topic: &str) -> Option<&'static str> {
+    static NAMES: OnceLock<HashMap<&'static str, String>> = OnceLock::new();
+    NAMES
+        .get_or_init(|| {
+            topics::ALL
+                .iter()
+                .filter_map(|spec| {
+                    let name = reader_schema(spec.name)?.name()?.fullname(None);
+                    Some((spec.name, name))
+                })
+                .collect()
+        })
+        .get(topic)
+        .map(String::as_str)
+}
+
 /// Splits a Confluent frame into schema id and Avro body, checking length and magic byte.
 pub fn split_frame<'a>(at: &Location, payload: &'a [u8]) -> Result<(u32, &'a [u8]), DecodeError> {
     if payload.len() < FRAME_HEADER_LEN {

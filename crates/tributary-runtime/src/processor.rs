@@ -81,8 +81,7 @@ impl<T: Contract + 'static> EncodeOutput for T {
     }
 
     fn ce_type(&self) -> &'static str {
-        let name = std::any::type_name::<T>();
-        name.rsplit("::").next().unwrap_or(name)
+        tributary_contracts::codec::record_full_name(T::TOPIC).expect("every contract topic has a named record")
     }
 }
 
