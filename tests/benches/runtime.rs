@@ -152,7 +152,20 @@ async fn start(world: &World, pipeline: Pipeline) -> (CancellationToken, tokio::
                 kafka,
                 runtime: tributary_runtime::config::RuntimeConfig::default(),
             };
-            let metrics = ServiceMetrics::register(&mut Registry::default(), "bench-identity");
+            let mut registry = Registry::default();
+            let metrics = ServiceMetrics::register(&mut registry, "bench-identity");
+            if std::env::var("BENCH_ONLY").is_ok() {
+                // Profiling: print where the time went when the run stops.
+                let registry = Arc::new(registry);
+                let stopped = stop.clone();
+                tokio::spawn(async move {
+                    stopped.cancelled().await;
+                    let text = tributary_telemetry::metrics::encode(&registry);
+                    for line in text.lines().filter(|l| l.contains("_sum") || l.contains("_count")) {
+                        eprintln!("{line}");
+                    }
+                });
+            }
             let codec = codec(world.stack, "");
             let runtime = StreamRuntime::new(settings, Identity, codec, metrics, Health::new()).await.unwrap();
             let stop = stop.clone();
@@ -169,6 +182,8 @@ async fn read_outputs(world: &World, count: usize) -> (Vec<Duration>, Instant) {
         .set("group.id", unique_name("bench-reader"))
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
+        // A short long-poll, so that the reader does not add its own wait to either pipeline.
+        .set("fetch.wait.max.ms", "10")
         .create()
         .unwrap();
     consumer.subscribe(&[&world.output()]).unwrap();
@@ -244,6 +259,12 @@ async fn main() {
     let stack = stack();
     println!("Runtime benchmark: identity processor, exactly-once, commit interval 100 ms, 3 partitions");
     println!("backlog {BACKLOG} records for throughput; {RATE} records/s for {LATENCY_SECONDS} s for latency\n");
+    // BENCH_ONLY=runtime-throughput runs one measurement alone, for profiling.
+    let only = std::env::var("BENCH_ONLY").ok();
+    if only.as_deref() == Some("runtime-throughput") {
+        println!("runtime throughput: {:.0} records/s", throughput(stack, Pipeline::Runtime).await);
+        return;
+    }
     let mut rows = Vec::new();
     for pipeline in [Pipeline::Baseline, Pipeline::Runtime] {
         let rps = throughput(stack, pipeline).await;

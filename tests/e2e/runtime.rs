@@ -16,7 +16,9 @@ use tributary_runtime::ServiceConfig;
 use tributary_runtime::dlq::{self, ReplayFilter};
 use tributary_runtime::service::{RunningService, spawn};
 use tributary_tests::echo::{EchoService, EchoSettings, FOLLOW_UP, INPUT_EVENT, NAME, input_topic, output_topic};
-use tributary_tests::kafka::{Read, codec, produce, produce_raw, produce_with_headers, producer, read_to_end, usage_event};
+use tributary_tests::kafka::{
+    Read, codec, produce, produce_raw, produce_with_headers, producer, read_to_end, usage_event,
+};
 use tributary_tests::{Stack, eventually, stack, unique_name};
 
 /// One test's isolated world: topics under a unique prefix, a unique consumer group.

@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tributary_contracts::types::{Envelope, UsageEvent, UsageRecorded, WindowKind};
 use tributary_contracts::{Decimal6, topics};
 use tributary_runtime::{
-    BuildContext, Context, Output, ProcessError, Processor, Service, ServiceConfig, ServiceSection, StreamRuntime, Timer,
-    registry_codec, stream_settings,
+    BuildContext, Context, Output, ProcessError, Processor, Service, ServiceConfig, ServiceSection, StreamRuntime,
+    Timer, registry_codec, stream_settings,
 };
 
 /// The service name (consumer group, DLQ `echo-service.dlq`).

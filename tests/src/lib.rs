@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use tributary_runtime::config::{KafkaConfig, RegistryConfig, ServiceConfig};
+use tributary_runtime::config::{AdminConfig, KafkaConfig, RegistryConfig, ServiceConfig};
 
 /// Environment variables `make` exports, with the defaults of deploy/local/env.sh.
 const KAFKA_BOOTSTRAP_ENV: (&str, &str) = ("TRIBUTARY_KAFKA_BOOTSTRAP", "127.0.0.1:19092");
@@ -100,15 +100,16 @@ impl Stack {
     /// A service configuration pointed at the stack, with the admin port on an ephemeral port
     /// and a unique consumer group, so that tests never collide.
     pub fn service_config<S: Default>(&self, group_prefix: &str) -> ServiceConfig<S> {
-        let mut config = ServiceConfig::<S>::default();
-        config.kafka = KafkaConfig {
-            group_id: Some(unique_name(group_prefix)),
-            transactional_id_prefix: Some(unique_name(group_prefix)),
-            ..self.kafka()
-        };
-        config.registry = self.registry();
-        config.admin.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-        config
+        ServiceConfig {
+            kafka: KafkaConfig {
+                group_id: Some(unique_name(group_prefix)),
+                transactional_id_prefix: Some(unique_name(group_prefix)),
+                ..self.kafka()
+            },
+            registry: self.registry(),
+            admin: AdminConfig { listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))) },
+            ..ServiceConfig::default()
+        }
     }
 
     /// Environment variables that point a service binary at the stack.

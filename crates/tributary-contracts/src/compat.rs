@@ -158,8 +158,7 @@ fn explain_record(writer: &RecordSchema, reader: &RecordSchema, path: &str, reas
         if path.is_empty() { name.to_owned() } else { format!("{path}.{name}") }
     };
     for field in &reader.fields {
-        let matching =
-            writer.fields.iter().find(|w| w.name == field.name || field.aliases.iter().any(|alias| *alias == w.name));
+        let matching = writer.fields.iter().find(|w| w.name == field.name || field.aliases.contains(&w.name));
         match matching {
             Some(w) => explain(&w.schema, &field.schema, &join(&field.name), reasons),
             None if field.default.is_none() => reasons.push(format!(

@@ -135,18 +135,12 @@ impl fmt::Debug for RegistryConfig {
 }
 
 /// The admin HTTP port.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of `/metrics` and `/health/*`. Empty means the service's own default port on
     /// 127.0.0.1 (Kubernetes manifests set `0.0.0.0:<port>`).
     pub listen: Option<SocketAddr>,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        Self { listen: None }
-    }
 }
 
 /// Retry policy for transient failures: exponential backoff with full jitter, bounded.
