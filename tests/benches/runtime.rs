@@ -256,6 +256,12 @@ async fn latency(stack: &'static Stack, pipeline: Pipeline) -> (Duration, Durati
 
 #[tokio::main]
 async fn main() {
+    // As in production: spans (and trace propagation) on, log lines at warn.
+    let _telemetry = tributary_telemetry::logging::init(
+        "bench",
+        &tributary_telemetry::LoggingConfig { filter: "warn".into(), ..Default::default() },
+    )
+    .unwrap();
     let stack = stack();
     println!("Runtime benchmark: identity processor, exactly-once, commit interval 100 ms, 3 partitions");
     println!("backlog {BACKLOG} records for throughput; {RATE} records/s for {LATENCY_SECONDS} s for latency\n");

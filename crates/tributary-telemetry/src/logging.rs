@@ -10,6 +10,8 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -91,13 +93,17 @@ pub fn init(service: &str, config: &LoggingConfig) -> Result<TelemetryGuard, Tel
     let provider = provider.build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     opentelemetry::global::set_tracer_provider(provider.clone());
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_owned()));
-
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    // The log filter applies to log lines only: spans reach OpenTelemetry at info and above
+    // whatever the log level, so that a quieter log never breaks trace propagation.
+    let otel =
+        tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_owned())).with_filter(LevelFilter::INFO);
+    let registry = tracing_subscriber::registry().with(otel);
     let installed = match config.format {
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_filter(filter)).try_init(),
         LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(true))
+            .with(
+                tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(true).with_filter(filter),
+            )
             .try_init(),
     };
     if installed.is_err() {
