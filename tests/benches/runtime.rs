@@ -271,6 +271,10 @@ async fn main() {
         println!("runtime throughput: {:.0} records/s", throughput(stack, Pipeline::Runtime).await);
         return;
     }
+    if only.as_deref() == Some("runtime-latency") {
+        println!("runtime latency (p50, p99): {:?}", latency(stack, Pipeline::Runtime).await);
+        return;
+    }
     let mut rows = Vec::new();
     for pipeline in [Pipeline::Baseline, Pipeline::Runtime] {
         let rps = throughput(stack, pipeline).await;

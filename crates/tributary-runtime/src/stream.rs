@@ -263,7 +263,13 @@ impl<P: Processor> StreamRuntime<P> {
             if commit_due {
                 self.commit().await?;
             }
-            let wait = self.settings.runtime.commit_interval.saturating_sub(self.txn_started.elapsed());
+            // With a transaction open, wake up when it is due; with none, there is nothing to
+            // commit and the next record (or tick) wakes the loop.
+            let wait = if self.txn_open.load(Ordering::Acquire) {
+                self.settings.runtime.commit_interval.saturating_sub(self.txn_started.elapsed())
+            } else {
+                self.settings.runtime.commit_interval
+            };
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
@@ -709,6 +715,11 @@ impl<P: Processor> StreamRuntime<P> {
         let group = self.consumer.group_metadata().context("the consumer has no group metadata")?;
         let producer = self.producer.clone();
         let result = tokio::task::spawn_blocking(move || {
+            // rdkafka's commit_transaction flushes by polling in steps of up to 100 ms, and the
+            // ThreadedProducer's own thread takes the delivery events, so every commit with a
+            // message in flight would wait a full step. Waiting here in 1 ms steps first makes
+            // that flush return at once.
+            wait_until_delivered(&producer, TXN_TIMEOUT);
             if offsets.count() > 0 {
                 producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT)?;
             }
@@ -776,6 +787,14 @@ pub fn producer_config(kafka: &KafkaConfig) -> rdkafka::ClientConfig {
     config.set("partitioner", "murmur2_random");
     config.set("linger.ms", "5");
     config
+}
+
+/// Blocks until the producer has no message in flight, or `timeout` passes.
+fn wait_until_delivered(producer: &ThreadedProducer<DefaultProducerContext>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while producer.in_flight_count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Enqueues `record`, waiting while the local queue is full.
