@@ -236,13 +236,14 @@ pub fn split_frame<'a>(at: &Location, payload: &'a [u8]) -> Result<(u32, &'a [u8
 pub struct Codec {
     resolver: Arc<dyn SchemaResolver>,
     ids: Arc<RwLock<HashMap<String, u32>>>,
+    same_as_reader: Arc<RwLock<HashMap<(u32, &'static str), bool>>>,
     topic_prefix: String,
 }
 
 impl Codec {
     /// A codec resolving schemas through `resolver`.
     pub fn new(resolver: Arc<dyn SchemaResolver>) -> Self {
-        Self { resolver, ids: Arc::default(), topic_prefix: String::new() }
+        Self { resolver, ids: Arc::default(), same_as_reader: Arc::default(), topic_prefix: String::new() }
     }
 
     /// The same codec for topics named `<prefix><topic>`: values are registered under the
@@ -261,11 +262,9 @@ impl Codec {
     /// the Avro body.
     pub async fn encode<T: Contract>(&self, value: &T) -> Result<Vec<u8>, EncodeError> {
         let spec = T::spec();
-        let schema = reader_schema(spec.name).expect("a Contract topic has a schema");
         let id = self.id_for(spec.name, spec.schema).await?;
-        let body = GenericDatumWriter::builder(schema)
-            .build()
-            .and_then(|writer| writer.write_ser_to_vec(value))
+        let body = cached_writer(spec.name)
+            .write_ser_to_vec(value)
             .map_err(|e| EncodeError::Invalid { topic: spec.name.to_owned(), reason: e.to_string() })?;
         let mut framed = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
         framed.push(MAGIC_BYTE);
@@ -289,38 +288,113 @@ impl Codec {
 
     /// Decodes a value of `T` read at `at`.
     pub async fn decode<T: Contract>(&self, at: &Location, payload: &[u8]) -> Result<T, DecodeError> {
-        let (id, value, _) = self.decode_value(at, payload).await?;
         let reader = reader_schema(T::TOPIC).expect("a Contract topic has a schema");
+        let (id, body) = split_frame(at, payload)?;
         let unresolvable = |reason: String| DecodeError::Unresolvable {
             at: at.clone(),
             id,
             reader: std::any::type_name::<T>().rsplit("::").next().unwrap_or_default().to_owned(),
             reason,
         };
+        // Fast path, the common case: written with our own schema. Straight from bytes to the
+        // Rust type, without an intermediate value and its schema resolution.
+        if self.writes_as_reader(at, id, T::TOPIC).await? {
+            let mut cursor = Cursor::new(body);
+            let value: T = cached_reader(T::TOPIC).read_deser(&mut cursor).map_err(|e| DecodeError::Corrupt {
+                at: at.clone(),
+                id,
+                reason: e.to_string(),
+            })?;
+            check_consumed(at, id, body, &cursor)?;
+            return Ok(value);
+        }
+        let (id, value, _) = self.decode_value(at, payload).await?;
         let value = value.resolve(reader).map_err(|e| unresolvable(e.to_string()))?;
         apache_avro::from_value::<T>(&value).map_err(|e| unresolvable(e.to_string()))
+    }
+
+    /// Whether schema `id` is our reader schema of `topic` (same canonical form); asked of the
+    /// resolver once per id.
+    async fn writes_as_reader(&self, at: &Location, id: u32, topic: &'static str) -> Result<bool, DecodeError> {
+        if let Some(same) = self.same_as_reader.read().expect("schema cache lock").get(&(id, topic)) {
+            return Ok(*same);
+        }
+        let writer = self.writer_schema(at, id).await?;
+        let reader = reader_schema(topic).expect("a Contract topic has a schema");
+        let same = writer.canonical_form() == reader.canonical_form();
+        self.same_as_reader.write().expect("schema cache lock").insert((id, topic), same);
+        Ok(same)
+    }
+
+    async fn writer_schema(&self, at: &Location, id: u32) -> Result<Arc<Schema>, DecodeError> {
+        self.resolver.schema_by_id(id).await.map_err(|e| match e {
+            ResolveError::Unavailable(reason) => DecodeError::RegistryUnavailable { at: at.clone(), id, reason },
+            other => DecodeError::UnknownSchemaId { at: at.clone(), id, reason: other.to_string() },
+        })
     }
 
     /// Decodes any Confluent-framed value with its writer schema, for tools that print what
     /// they read (`tributary tap`): returns the schema id, the value and the writer schema.
     pub async fn decode_value(&self, at: &Location, payload: &[u8]) -> Result<(u32, Value, Arc<Schema>), DecodeError> {
         let (id, body) = split_frame(at, payload)?;
-        let writer = self.resolver.schema_by_id(id).await.map_err(|e| match e {
-            ResolveError::Unavailable(reason) => DecodeError::RegistryUnavailable { at: at.clone(), id, reason },
-            other => DecodeError::UnknownSchemaId { at: at.clone(), id, reason: other.to_string() },
-        })?;
-        let corrupt = |reason: String| DecodeError::Corrupt { at: at.clone(), id, reason };
+        let writer = self.writer_schema(at, id).await?;
         let mut cursor = Cursor::new(body);
         let value = GenericDatumReader::builder(&writer)
             .build()
             .and_then(|reader| reader.read_value(&mut cursor))
-            .map_err(|e| corrupt(e.to_string()))?;
-        let trailing = body.len() as u64 - cursor.position();
-        if trailing > 0 {
-            return Err(corrupt(format!("{trailing} byte(s) left after the value")));
-        }
+            .map_err(|e| DecodeError::Corrupt { at: at.clone(), id, reason: e.to_string() })?;
+        check_consumed(at, id, body, &cursor)?;
         Ok((id, value, writer))
     }
+}
+
+/// Refuses bytes left over after the value: a frame holds exactly one datum.
+fn check_consumed(at: &Location, id: u32, body: &[u8], cursor: &Cursor<&[u8]>) -> Result<(), DecodeError> {
+    let trailing = body.len() as u64 - cursor.position();
+    if trailing > 0 {
+        return Err(DecodeError::Corrupt {
+            at: at.clone(),
+            id,
+            reason: format!("{trailing} byte(s) left after the value"),
+        });
+    }
+    Ok(())
+}
+
+/// A datum reader of a contract topic's own schema, built once per process.
+fn cached_reader(topic: &str) -> &'static GenericDatumReader<'static> {
+    static READERS: OnceLock<HashMap<&'static str, GenericDatumReader<'static>>> = OnceLock::new();
+    READERS
+        .get_or_init(|| {
+            topics::ALL
+                .iter()
+                .map(|spec| {
+                    let schema = reader_schema(spec.name).expect("every topic has a schema");
+                    let reader = GenericDatumReader::builder(schema).build().expect("our schemas resolve");
+                    (spec.name, reader)
+                })
+                .collect()
+        })
+        .get(topic)
+        .expect("a contract topic")
+}
+
+/// A datum writer of a contract topic's own schema, built once per process.
+fn cached_writer(topic: &str) -> &'static GenericDatumWriter<'static> {
+    static WRITERS: OnceLock<HashMap<&'static str, GenericDatumWriter<'static>>> = OnceLock::new();
+    WRITERS
+        .get_or_init(|| {
+            topics::ALL
+                .iter()
+                .map(|spec| {
+                    let schema = reader_schema(spec.name).expect("every topic has a schema");
+                    let writer = GenericDatumWriter::builder(schema).build().expect("our schemas resolve");
+                    (spec.name, writer)
+                })
+                .collect()
+        })
+        .get(topic)
+        .expect("a contract topic")
 }
 
 /// A resolver over a fixed map of schemas, for unit tests and offline tools: ids are assigned
