@@ -35,7 +35,20 @@ TRIBUTARY_LOCAL_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 : "${KAFKA_VERSION:=4.4.0}"
 # Log4j2 backend for Kafka's SLF4J 1.7 logging (see kafka/pom.xml for why not slf4j2-impl).
 : "${LOG4J_VERSION:=2.26.1}"
-: "${APICURIO_VERSION:=3.3.3}"
+# 3.3.3 where a Java 21+ JDK is installed (the machine's Temurin), else 3.0.9, the last release
+# that runs on Java 17, so that a machine with only Java 17 still gets a working registry.
+if [[ -z "${APICURIO_VERSION:-}" ]]; then
+  APICURIO_VERSION=3.0.9
+  for _tb_release in "${JAVA_HOME:-/nonexistent}/release" /usr/lib/jvm/*/release; do
+    [[ -r "$_tb_release" ]] || continue
+    _tb_major=$(sed -nE 's/^JAVA_VERSION="([0-9]+).*/\1/p' "$_tb_release")
+    if [[ "$_tb_major" =~ ^[0-9]+$ ]] && ((_tb_major >= 21)); then
+      APICURIO_VERSION=3.3.3
+      break
+    fi
+  done
+  unset _tb_release _tb_major
+fi
 # Apicurio 3.1+ is compiled for Java 21 (class files v65) although its parent pom says 17, so
 # it gets its own JVM: TRIBUTARY_REGISTRY_JAVA if set, else the Java below if new enough, else
 # the oldest JDK >= this under /usr/lib/jvm (the machine's Temurin JDK). 3.0.9, the last 3.0,
