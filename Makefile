@@ -49,5 +49,6 @@ test: lint ## Every test, unit and end-to-end; starts the stack if needed and st
 	cargo build --workspace --bins --tests
 	$(WITH_STACK) cargo test --workspace --no-fail-fast
 
-bench: ## Benchmarks against the local stack; results in BENCHMARKS.md
+bench: ## Benchmarks (codec, then the runtime against the local stack); results in BENCHMARKS.md
+	cargo bench -p tributary-contracts --bench codec
 	$(WITH_STACK) cargo bench -p tributary-tests --bench runtime
