@@ -308,7 +308,7 @@ impl Codec {
             check_consumed(at, id, body, &cursor)?;
             return Ok(value);
         }
-        let (id, value, _) = self.decode_value(at, payload).await?;
+        let (_, value, _) = self.decode_value(at, payload).await?;
         let value = value.resolve(reader).map_err(|e| unresolvable(e.to_string()))?;
         apache_avro::from_value::<T>(&value).map_err(|e| unresolvable(e.to_string()))
     }

@@ -209,30 +209,51 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-/// The run loop of a service whose processing is not built yet: it waits for the broker,
-/// reports ready, and idles until shutdown. It proves the service's shape (configuration,
-/// admin port, probes, signals) end to end before its logic lands.
-pub async fn connect_and_idle(
-    kafka: &crate::config::KafkaConfig,
-    health: &Health,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    // Retry in short rounds so that a broker that starts after the service is picked up and a
-    // shutdown during the wait is honoured promptly.
-    const ROUND: std::time::Duration = std::time::Duration::from_secs(2);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            reached = crate::kafka::wait_for_broker(kafka, ROUND) => match reached {
-                Ok(brokers) => {
-                    tracing::info!(brokers, "connected to Kafka");
-                    break;
-                }
-                Err(error) => tracing::warn!(%error, "waiting for Kafka"),
-            },
-        }
+/// The name and default admin port of a service, for [`Idle`].
+pub trait ServiceIdentity: Send + Sync + 'static {
+    /// See [`Service::NAME`].
+    const NAME: &'static str;
+    /// See [`Service::DEFAULT_ADMIN_PORT`].
+    const DEFAULT_ADMIN_PORT: u16;
+}
+
+/// A service whose processing is not built yet: it waits for the broker, reports ready, and
+/// idles until shutdown. It proves the service's shape (configuration, admin port, probes,
+/// signals) end to end before its logic lands.
+#[derive(Debug)]
+pub struct Idle<I> {
+    kafka: crate::config::KafkaConfig,
+    health: Health,
+    identity: std::marker::PhantomData<I>,
+}
+
+impl<I: ServiceIdentity> Service for Idle<I> {
+    const NAME: &'static str = I::NAME;
+    const DEFAULT_ADMIN_PORT: u16 = I::DEFAULT_ADMIN_PORT;
+    type Settings = crate::config::NoSettings;
+
+    async fn build(config: ServiceConfig<Self::Settings>, context: &mut BuildContext) -> anyhow::Result<Self> {
+        Ok(Self { kafka: config.kafka, health: context.health.clone(), identity: std::marker::PhantomData })
     }
-    health.set_ready(true);
-    shutdown.cancelled().await;
-    Ok(())
+
+    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // Retry in short rounds so that a broker that starts after the service is picked up
+        // and a shutdown during the wait is honoured promptly.
+        const ROUND: std::time::Duration = std::time::Duration::from_secs(2);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                reached = crate::kafka::wait_for_broker(&self.kafka, ROUND) => match reached {
+                    Ok(brokers) => {
+                        tracing::info!(brokers, "connected to Kafka");
+                        break;
+                    }
+                    Err(error) => tracing::warn!(%error, "waiting for Kafka"),
+                },
+            }
+        }
+        self.health.set_ready(true);
+        shutdown.cancelled().await;
+        Ok(())
+    }
 }

@@ -1,33 +1,20 @@
-//! renewal-notifier: as renewals approach, tells customer success and revenue operations,\n//! with the risk signals (usage, payments, support cases) that explain why.
+//! renewal-notifier: as renewals approach, tells customer success and revenue operations,
+//! with the risk signals (usage, payments, support cases) that explain why.
 //!
 //! The service's processing lands with its own issue; until then it runs the common service
-//! shape: configuration, telemetry, the admin port, readiness once Kafka answers, and a clean
-//! exit on SIGTERM.
+//! shape ([`Idle`](tributary_runtime::service::Idle)): configuration, telemetry, the admin
+//! port, readiness once Kafka answers, and a clean exit on SIGTERM.
 
-use tokio_util::sync::CancellationToken;
-use tributary_runtime::config::{KafkaConfig, NoSettings};
-use tributary_runtime::{BuildContext, Service, ServiceConfig};
-use tributary_telemetry::Health;
+use tributary_runtime::service::{Idle, ServiceIdentity};
 
-/// The renewal-notifier service.
+/// The renewal-notifier service's name and admin port.
 #[derive(Debug)]
-pub struct App {
-    /// Kafka connection settings.
-    kafka: KafkaConfig,
-    /// Health flags shared with the admin port.
-    health: Health,
-}
+pub struct Identity;
 
-impl Service for App {
+impl ServiceIdentity for Identity {
     const NAME: &'static str = "renewal-notifier";
     const DEFAULT_ADMIN_PORT: u16 = 19105;
-    type Settings = NoSettings;
-
-    async fn build(config: ServiceConfig<NoSettings>, context: &mut BuildContext) -> anyhow::Result<Self> {
-        Ok(Self { kafka: config.kafka, health: context.health.clone() })
-    }
-
-    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        tributary_runtime::service::connect_and_idle(&self.kafka, &self.health, shutdown).await
-    }
 }
+
+/// The renewal-notifier service.
+pub type App = Idle<Identity>;

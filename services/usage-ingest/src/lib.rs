@@ -1,33 +1,20 @@
-//! usage-ingest: usage events in over Kafka and HTTP, deduplicated, aggregated per\n//! account, subscription and meter, with threshold crossings against the contracted quota.
+//! usage-ingest: usage events in over Kafka and HTTP, deduplicated, aggregated per
+//! account, subscription and meter, with threshold crossings against the contracted quota.
 //!
 //! The service's processing lands with its own issue; until then it runs the common service
-//! shape: configuration, telemetry, the admin port, readiness once Kafka answers, and a clean
-//! exit on SIGTERM.
+//! shape ([`Idle`](tributary_runtime::service::Idle)): configuration, telemetry, the admin
+//! port, readiness once Kafka answers, and a clean exit on SIGTERM.
 
-use tokio_util::sync::CancellationToken;
-use tributary_runtime::config::{KafkaConfig, NoSettings};
-use tributary_runtime::{BuildContext, Service, ServiceConfig};
-use tributary_telemetry::Health;
+use tributary_runtime::service::{Idle, ServiceIdentity};
 
-/// The usage-ingest service.
+/// The usage-ingest service's name and admin port.
 #[derive(Debug)]
-pub struct App {
-    /// Kafka connection settings.
-    kafka: KafkaConfig,
-    /// Health flags shared with the admin port.
-    health: Health,
-}
+pub struct Identity;
 
-impl Service for App {
+impl ServiceIdentity for Identity {
     const NAME: &'static str = "usage-ingest";
     const DEFAULT_ADMIN_PORT: u16 = 19101;
-    type Settings = NoSettings;
-
-    async fn build(config: ServiceConfig<NoSettings>, context: &mut BuildContext) -> anyhow::Result<Self> {
-        Ok(Self { kafka: config.kafka, health: context.health.clone() })
-    }
-
-    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        tributary_runtime::service::connect_and_idle(&self.kafka, &self.health, shutdown).await
-    }
 }
+
+/// The usage-ingest service.
+pub type App = Idle<Identity>;
