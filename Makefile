@@ -11,6 +11,9 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tributary/target
 # Warnings are errors in CI builds and lints.
 CLIPPY_FLAGS := --workspace --all-targets -- -D warnings
+# Everything is built once for the whole workspace: building one package alone (`cargo run -p`)
+# unifies features differently and would compile most dependencies a second time.
+TRIBUTARY_CLI := $(CARGO_TARGET_DIR)/debug/tributary
 
 LOCAL := deploy/local
 WITH_STACK := $(LOCAL)/with-stack.sh
@@ -29,24 +32,24 @@ down: ## Stop the local stack (data kept; `deploy/local/down.sh --purge` wipes i
 status: ## Health of each stack component
 	$(LOCAL)/status.sh
 
-build: ## Build every binary
-	cargo build --workspace --bins
+build: ## Build every binary and test
+	cargo build --workspace --bins --tests
 
 demo: ## Run the demo scenario on the local stack (for now: start the stack, register the contracts, report health)
 	$(LOCAL)/up.sh
-	. $(LOCAL)/env.sh && cargo run --quiet -p tributary-cli -- --registry-url "$$TRIBUTARY_REGISTRY_URL" schemas register
+	cargo build --workspace --bins
+	. $(LOCAL)/env.sh && $(TRIBUTARY_CLI) --registry-url "$$TRIBUTARY_REGISTRY_URL" schemas register
 	$(LOCAL)/status.sh
 
-lint: schemas ## rustfmt and clippy (warnings as errors), and the schema gates
+lint: ## rustfmt and clippy, warnings as errors
 	cargo fmt --all -- --check
 	cargo clippy $(CLIPPY_FLAGS)
 
-schemas: ## Offline schema gates: conventions, and FULL_TRANSITIVE against every released version
+schemas: build ## Offline schema gates: conventions, and FULL_TRANSITIVE against every released version
 	python3 schemas/check_conventions.py
-	cargo run --quiet -p tributary-cli -- schemas check
+	$(TRIBUTARY_CLI) schemas check
 
-test: lint ## Every test, unit and end-to-end; starts the stack if needed and stops what it started
-	cargo build --workspace --bins --tests
+test: build lint schemas ## Every test, unit and end-to-end; starts the stack if needed and stops what it started
 	$(WITH_STACK) cargo test --workspace --no-fail-fast
 
 bench: ## Benchmarks (codec, then the runtime against the local stack); results in BENCHMARKS.md
