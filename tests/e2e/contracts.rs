@@ -21,14 +21,7 @@ fn workspace_root() -> PathBuf {
 }
 
 fn tributary_cli() -> PathBuf {
-    escargot::CargoBuild::new()
-        .package("tributary-cli")
-        .bin("tributary")
-        .current_release()
-        .run()
-        .expect("build the tributary CLI")
-        .path()
-        .to_owned()
+    tributary_tests::workspace_binary("tributary")
 }
 
 #[tokio::test]

@@ -129,14 +129,7 @@ fn events(accounts: usize, per_account: usize) -> Vec<UsageEvent> {
 }
 
 fn echo_binary() -> std::path::PathBuf {
-    escargot::CargoBuild::new()
-        .package("tributary-tests")
-        .bin("echo-service")
-        .current_release()
-        .run()
-        .expect("build the echo-service binary")
-        .path()
-        .to_owned()
+    tributary_tests::workspace_binary("echo-service")
 }
 
 fn signal(child: &Child, signal: Signal) {

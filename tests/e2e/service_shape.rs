@@ -20,13 +20,8 @@ async fn a_service_binary_reports_ready_serves_metrics_and_exits_0_on_sigterm() 
     let stack = stack();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let admin = format!("http://127.0.0.1:{port}");
-    let binary = escargot::CargoBuild::new()
-        .package("usage-ingest")
-        .bin("usage-ingest")
-        .current_release()
-        .run()
-        .expect("build the usage-ingest binary");
-    let mut child = tokio::process::Command::new(binary.path())
+    let binary = tributary_tests::workspace_binary("usage-ingest");
+    let mut child = tokio::process::Command::new(&binary)
         .envs(stack.service_env())
         .env("TRIBUTARY__ADMIN__LISTEN", format!("127.0.0.1:{port}"))
         .stdout(Stdio::null())

@@ -121,6 +121,22 @@ impl Stack {
     }
 }
 
+/// The path of the workspace binary `name`, built by `cargo build --workspace --bins` (which
+/// `make test` runs first) next to this test executable. Built once for the whole workspace:
+/// building one package from inside a test would compile its dependencies again with that
+/// package's features.
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>/<name>
+    let path = exe.parent().and_then(std::path::Path::parent).expect("a target folder").join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (`make test` does)",
+        path.display()
+    );
+    path
+}
+
 /// Polls `check` every 100 ms until it returns `Some` or `timeout` passes.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
