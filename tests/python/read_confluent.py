@@ -335,7 +335,7 @@ def main(argv):
         print(f"read_confluent.py: {e}; run tests/python/setup.sh and use the python it prints", file=sys.stderr)
         return 2
 
-    client = SchemaRegistryClient({"url": doc["registry"]})
+    client = SchemaRegistryClient({"url": doc["registry"], "timeout": 20})  # a hung HTTP call fails instead of stalling the run
     deserializer = AvroDeserializer(client)
     subject_ids = SubjectIds(client)
     consumer = Consumer(
