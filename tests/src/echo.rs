@@ -32,8 +32,9 @@ pub struct EchoSettings {
     pub flaky_type: Option<String>,
     /// How many times a flaky input fails.
     pub flaky_failures: u32,
-    /// Inputs of this `type` find their downstream unavailable until `unavailable_for_ms`
-    /// after the service started.
+    /// Inputs of this `type` find their downstream unavailable for `unavailable_for_ms`
+    /// after the first attempt at one of them (so the outage is measured from the moment a
+    /// record first meets it, whatever the start-up and assignment took).
     pub unavailable_type: Option<String>,
     /// How long the downstream of `unavailable_type` is unavailable.
     pub unavailable_for_ms: u64,
@@ -58,13 +59,13 @@ pub const FOLLOW_UP: &str = "follow_up";
 pub struct EchoProcessor {
     settings: EchoSettings,
     flaky_attempts: std::collections::HashMap<String, u32>,
-    started: std::time::Instant,
+    outage_started: Option<std::time::Instant>,
 }
 
 impl EchoProcessor {
     /// A processor with `settings`.
     pub fn new(settings: EchoSettings) -> Self {
-        Self { settings, flaky_attempts: Default::default(), started: std::time::Instant::now() }
+        Self { settings, flaky_attempts: Default::default(), outage_started: None }
     }
 }
 
@@ -88,7 +89,8 @@ impl Processor for EchoProcessor {
         }
         if self.settings.unavailable_type.as_deref() == Some(input.r#type.as_str()) {
             let until = std::time::Duration::from_millis(self.settings.unavailable_for_ms);
-            if self.started.elapsed() < until {
+            let outage_started = *self.outage_started.get_or_insert_with(std::time::Instant::now);
+            if outage_started.elapsed() < until {
                 return Err(ProcessError::Unavailable {
                     downstream: "test-downstream",
                     retry_after: std::time::Duration::from_millis(500),
