@@ -20,6 +20,16 @@ pub enum Fill {
     Minimal,
 }
 
+/// A sample of contract `T` as its Rust type; `seed` varies the values between samples.
+///
+/// # Panics
+/// When the schema's sample does not fit the generated type, which the drift test rules out.
+pub fn typed<T: crate::Contract>(fill: Fill, seed: i64) -> T {
+    let schema = crate::codec::reader_schema(T::TOPIC).expect("every contract has a reader schema");
+    apache_avro::from_value(&sample(schema, fill, seed))
+        .unwrap_or_else(|e| panic!("{}: schema sample does not fit the Rust type: {e}", T::TOPIC))
+}
+
 /// A sample value of `schema`; `seed` varies the values between samples.
 pub fn sample(schema: &Schema, fill: Fill, seed: i64) -> Value {
     let names = ResolvedSchema::try_from(schema).map(|r| r.get_names().clone()).unwrap_or_default();

@@ -10,6 +10,7 @@
 //! - [`stream`]: the exactly-once loop: transactions, restore, retries, DLQ, pause, shutdown.
 //! - [`state`]: keyed state per partition with changelog-backed layers.
 //! - [`dlq`]: dead-letter headers; [`retry`]: backoff with jitter.
+//! - [`table`]: refdata topics held whole in memory by every instance (global tables).
 //! - [`kafka`]: librdkafka client configuration, broker checks, topic creation.
 
 pub mod config;
@@ -20,6 +21,7 @@ pub mod retry;
 pub mod service;
 pub mod state;
 pub mod stream;
+pub mod table;
 
 use std::sync::Arc;
 

@@ -208,6 +208,13 @@ impl Context<'_> {
         self.state.put(store, self.partition, key, value)
     }
 
+    /// The entries of `store` on this partition (committed and pending) whose key starts with
+    /// `prefix`, in key order. Costs a pass over the store's keys: meant for timers that sweep
+    /// (flushes, window closes), not for every record.
+    pub fn scan_prefix<V: DeserializeOwned>(&self, store: &str, prefix: &str) -> Vec<(String, V)> {
+        self.state.scan_prefix(store, self.partition, prefix)
+    }
+
     /// Deletes `key` from `store` on this partition.
     pub fn delete(&mut self, store: &str, key: &str) {
         self.state.delete(store, self.partition, key);
@@ -216,6 +223,11 @@ impl Context<'_> {
     /// Schedules (or moves) the timer `key` on this partition to fire at `due_at`.
     pub fn schedule(&mut self, key: &str, due_at: DateTime<Utc>, payload: serde_json::Value) -> Result<(), StateError> {
         self.state.schedule(self.partition, key, due_at, payload)
+    }
+
+    /// When the timer `key` on this partition is due, if it is scheduled.
+    pub fn scheduled(&self, key: &str) -> Result<Option<DateTime<Utc>>, StateError> {
+        self.state.scheduled(self.partition, key)
     }
 
     /// Cancels the timer `key` on this partition.

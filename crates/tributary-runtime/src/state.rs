@@ -111,6 +111,12 @@ impl TxnState {
         self.put(TIMER_STORE, partition, key, &StoredTimer { due_at_ms: due_at.timestamp_millis(), payload })
     }
 
+    /// When timer `key` on `partition` is due, if it is scheduled.
+    pub fn scheduled(&self, partition: i32, key: &str) -> Result<Option<DateTime<Utc>>, StateError> {
+        let timer: Option<StoredTimer> = self.get(TIMER_STORE, partition, key)?;
+        Ok(timer.and_then(|t| DateTime::from_timestamp_millis(t.due_at_ms)))
+    }
+
     /// Cancels timer `key` on `partition`.
     pub fn cancel(&mut self, partition: i32, key: &str) {
         self.delete(TIMER_STORE, partition, key);
@@ -191,6 +197,27 @@ impl TxnState {
                 let value: V = serde_json::from_slice(value?).ok()?;
                 pick(key, &value).then(|| (key.to_owned(), value))
             })
+            .collect()
+    }
+
+    /// Entries of `store` on `partition` (committed, pending and staged) whose key starts with
+    /// `prefix`, in key order; values that no longer deserialise are skipped.
+    pub(crate) fn scan_prefix<V: DeserializeOwned>(&self, store: &str, partition: i32, prefix: &str) -> Vec<(String, V)> {
+        let id = (store.to_owned(), partition);
+        let mut merged: BTreeMap<&str, Option<&[u8]>> = BTreeMap::new();
+        if let Some(entries) = self.base.get(&id) {
+            merged.extend(
+                entries.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.as_str(), Some(v.as_slice()))),
+            );
+        }
+        for layer in [&self.overlay, &self.staged] {
+            if let Some(entries) = layer.get(&id) {
+                merged.extend(entries.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.as_str(), v.as_deref())));
+            }
+        }
+        merged
+            .into_iter()
+            .filter_map(|(key, value)| Some((key.to_owned(), serde_json::from_slice(value?).ok()?)))
             .collect()
     }
 

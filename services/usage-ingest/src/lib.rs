@@ -1,20 +1,160 @@
 //! usage-ingest: usage events in over Kafka and HTTP, deduplicated, aggregated per
 //! account, subscription and meter, with threshold crossings against the contracted quota.
 //!
-//! The service's processing lands with its own issue; until then it runs the common service
-//! shape ([`Idle`](tributary_runtime::service::Idle)): configuration, telemetry, the admin
-//! port, readiness once Kafka answers, and a clean exit on SIGTERM.
+//! - [`processor`]: the logic (what an event does to the totals, thresholds, late events);
+//! - [`meters`]: the configured meters and the checks every event passes;
+//! - [`windows`]: hourly windows and the contract's billing periods;
+//! - [`http`]: `POST /v1/events` (CloudEvents, OpenMeter-compatible) into `usage.events`;
+//! - [`settings`]: the `[usage_ingest]` configuration section.
+//!
+//! The Kafka side (exactly-once, deduplication by `source/id`, state, timers, DLQ) is the
+//! stream runtime's; contracts come from `refdata.contracts`, held whole by every instance.
 
-use tributary_runtime::service::{Idle, ServiceIdentity};
+pub mod http;
+pub mod meters;
+pub mod processor;
+pub mod settings;
+pub mod windows;
 
-/// The usage-ingest service's name and admin port.
-#[derive(Debug)]
-pub struct Identity;
+use std::sync::Arc;
 
-impl ServiceIdentity for Identity {
-    const NAME: &'static str = "usage-ingest";
-    const DEFAULT_ADMIN_PORT: u16 = 19101;
-}
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+use tributary_contracts::codec::Codec;
+use tributary_contracts::topics;
+use tributary_contracts::types::Contract;
+use tributary_runtime::config::KafkaConfig;
+use tributary_runtime::kafka::{TopicKind, ensure_topics};
+use tributary_runtime::table::ReferenceTable;
+use tributary_runtime::{BuildContext, Service, ServiceConfig, StreamRuntime, registry_codec, stream_settings};
+
+use crate::meters::{Meters, TimeBounds};
+use crate::processor::{IngestCounters, UsageProcessor, contract_index};
+pub use crate::settings::Settings;
+
+/// The service name.
+pub const NAME: &str = "usage-ingest";
 
 /// The usage-ingest service.
-pub type App = Idle<Identity>;
+#[derive(Debug)]
+pub struct App {
+    runtime: StreamRuntime<UsageProcessor>,
+    contracts: ReferenceTable<Contract>,
+    kafka: KafkaConfig,
+    codec: Codec,
+    http: Option<(tokio::net::TcpListener, axum::Router)>,
+}
+
+impl App {
+    fn register_metrics(context: &mut BuildContext) -> (IngestCounters, http::HttpMetrics) {
+        let counters = IngestCounters::default();
+        let http_metrics = http::HttpMetrics::default();
+        let registry = context.registry.sub_registry_with_prefix("tributary_usage_ingest");
+        registry.register("late_events", "Events sent to usage.late", counters.late_events.clone());
+        registry.register(
+            "hourly_windows_missed",
+            "Events counted in their billing period after their hourly window closed",
+            counters.hourly_windows_missed.clone(),
+        );
+        registry.register("thresholds_crossed", "Threshold crossings emitted", counters.thresholds_crossed.clone());
+        registry.register(
+            "events_without_contract",
+            "Events counted with no contract covering their time (calendar month, no thresholds)",
+            counters.events_without_contract.clone(),
+        );
+        registry.register("http_requests", "POST /v1/events requests by status", http_metrics.requests.clone());
+        registry.register("http_events_accepted", "Events accepted over HTTP", http_metrics.events_accepted.clone());
+        registry.register("http_events_rejected", "Events refused over HTTP", http_metrics.events_rejected.clone());
+        (counters, http_metrics)
+    }
+}
+
+impl Service for App {
+    const NAME: &'static str = NAME;
+    const DEFAULT_ADMIN_PORT: u16 = 19101;
+    type Settings = Settings;
+
+    async fn build(config: ServiceConfig<Settings>, context: &mut BuildContext) -> anyhow::Result<Self> {
+        let settings = config.service.clone();
+        anyhow::ensure!(
+            settings.max_event_age <= config.runtime.idempotency_window,
+            "usage_ingest.max_event_age ({}) must not exceed runtime.idempotency_window ({}): \
+             older duplicates could not be recognised",
+            humantime::format_duration(settings.max_event_age),
+            humantime::format_duration(config.runtime.idempotency_window),
+        );
+        let compile = || Meters::compile(&settings.meters).map_err(|errors| anyhow::anyhow!(errors.join("; ")));
+        let (counters, http_metrics) = Self::register_metrics(context);
+        let kafka = config.kafka.clone();
+        let owned: Vec<String> =
+            [topics::USAGE_RECORDED, topics::USAGE_THRESHOLDS, topics::USAGE_LATE].iter().map(|t| kafka.topic(t)).collect();
+        let contracts_topic = kafka.topic(topics::REFDATA_CONTRACTS);
+        let mut wanted: Vec<(&str, TopicKind)> = owned.iter().map(|t| (t.as_str(), TopicKind::Events)).collect();
+        wanted.push((&contracts_topic, TopicKind::Compacted));
+        ensure_topics(&kafka, &wanted).await.context("creating usage-ingest's topics")?;
+
+        let codec = registry_codec(&config.registry)?;
+        let contracts = ReferenceTable::new(contract_index);
+        let processor = UsageProcessor::new(compile()?, contracts.clone(), settings.clone(), counters);
+        let runtime = StreamRuntime::new(
+            stream_settings(NAME, &config),
+            processor,
+            codec.clone(),
+            context.metrics.clone(),
+            context.health.clone(),
+        )
+        .await?;
+
+        let http = if settings.http.enabled {
+            let ingress = http::Ingress {
+                meters: Arc::new(compile()?),
+                bounds: TimeBounds { max_age: settings.max_event_age, max_skew: settings.max_clock_skew },
+                api_keys: settings.http.load_api_keys()?,
+                max_batch_events: settings.http.max_batch_events,
+                produce_timeout: settings.http.produce_timeout,
+                producer: http::producer(&kafka)?,
+                topic: kafka.topic(topics::USAGE_EVENTS),
+                codec: codec.clone().with_topic_prefix(&kafka.topic_prefix),
+                metrics: http_metrics,
+            };
+            let listener = tokio::net::TcpListener::bind(settings.http.listen)
+                .await
+                .with_context(|| format!("binding the HTTP endpoint {}", settings.http.listen))?;
+            tracing::info!(listen = %listener.local_addr()?, "HTTP ingestion endpoint bound");
+            Some((listener, http::router(Arc::new(ingress), settings.http.max_body_bytes)))
+        } else {
+            None
+        };
+        Ok(Self { runtime, contracts, kafka, codec: codec.with_topic_prefix(&config.kafka.topic_prefix), http })
+    }
+
+    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self { runtime, contracts, kafka, codec, http } = self;
+        let http_task = http.map(|(listener, router)| {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await
+            })
+        });
+        let mut table = tokio::spawn(contracts.clone().follow(kafka, codec, shutdown.clone()));
+        // Contracts published before an event must be visible to it: no event is processed
+        // before the table has read what refdata.contracts held at start-up.
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => Ok(()),
+            () = contracts.caught_up() => runtime.run(shutdown.clone()).await,
+            finished = &mut table => Err(match finished {
+                Ok(Ok(())) => anyhow::anyhow!("the contracts table stopped before it caught up"),
+                Ok(Err(error)) => error.context("following refdata.contracts"),
+                Err(panicked) => anyhow::Error::from(panicked).context("reference table task panicked"),
+            }),
+        };
+        shutdown.cancel();
+        if let Some(task) = http_task {
+            task.await.context("HTTP task panicked")?.context("HTTP endpoint")?;
+        }
+        if !table.is_finished() || outcome.is_ok() {
+            table.await.context("reference table task panicked")?.context("following refdata.contracts")?;
+        }
+        outcome
+    }
+}

@@ -1,0 +1,299 @@
+//! Reference tables: a whole compacted refdata topic, held in memory by every instance.
+//!
+//! Master data (customers, contracts, price plans) is keyed by entity id, not by account, so it
+//! cannot be co-partitioned with the event topics a service reads. Each instance therefore
+//! reads every partition of the refdata topic from the beginning (a "global table" in Kafka
+//! Streams terms), keeps the newest version of each entity, and keeps following the topic.
+//! A service waits for [`ReferenceTable::caught_up`] before it processes its first event, so
+//! that master data published before an event is always visible to it.
+//!
+//! The reader commits no offsets (it has no group to speak of): a restarted instance simply
+//! reads the compacted topic again, which is what makes the table correct after a restart.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tributary_contracts::codec::{Codec, Location};
+use tributary_contracts::{Contract, types};
+
+use crate::config::KafkaConfig;
+use crate::kafka::client_config;
+
+/// A refdata record: keyed, versioned, and marked when deleted at its source.
+pub trait Reference: Contract + 'static {
+    /// The entity id (the Kafka key).
+    fn key(&self) -> &str;
+    /// The revision from the system of record; a lower one never replaces a higher one.
+    fn version(&self) -> i64;
+    /// True when the entity was deleted at its source.
+    fn is_deleted(&self) -> bool;
+}
+
+impl Reference for types::Contract {
+    fn key(&self) -> &str {
+        &self.contract_id
+    }
+    fn version(&self) -> i64 {
+        self.version
+    }
+    fn is_deleted(&self) -> bool {
+        self.deleted
+    }
+}
+
+impl Reference for types::Customer {
+    fn key(&self) -> &str {
+        &self.customer_id
+    }
+    fn version(&self) -> i64 {
+        self.version
+    }
+    fn is_deleted(&self) -> bool {
+        self.deleted
+    }
+}
+
+impl Reference for types::PricePlan {
+    fn key(&self) -> &str {
+        &self.price_plan_id
+    }
+    fn version(&self) -> i64 {
+        self.version
+    }
+    fn is_deleted(&self) -> bool {
+        self.deleted
+    }
+}
+
+type Indexer<T> = Box<dyn Fn(&T) -> Vec<String> + Send + Sync>;
+
+struct Rows<T> {
+    by_key: HashMap<String, Arc<T>>,
+    /// Highest version seen per key, deletions included, so that a late older revision
+    /// cannot resurrect a deleted entity.
+    versions: HashMap<String, i64>,
+    by_index: HashMap<String, BTreeSet<String>>,
+}
+
+struct Shared<T> {
+    rows: RwLock<Rows<T>>,
+    index: Indexer<T>,
+    caught_up: tokio::sync::watch::Sender<bool>,
+}
+
+/// The newest version of every entity of one refdata topic, with a secondary index.
+pub struct ReferenceTable<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Clone for ReferenceTable<T> {
+    fn clone(&self) -> Self {
+        Self { shared: self.shared.clone() }
+    }
+}
+
+impl<T> std::fmt::Debug for ReferenceTable<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rows = self.shared.rows.read().map(|rows| rows.by_key.len()).unwrap_or_default();
+        f.debug_struct("ReferenceTable").field("rows", &rows).finish_non_exhaustive()
+    }
+}
+
+impl<T: Reference> ReferenceTable<T> {
+    /// An empty table whose rows are also found under the secondary keys `index` returns
+    /// (e.g. a contract under its subscription id).
+    pub fn new(index: impl Fn(&T) -> Vec<String> + Send + Sync + 'static) -> Self {
+        let rows = Rows { by_key: HashMap::new(), versions: HashMap::new(), by_index: HashMap::new() };
+        let (caught_up, _) = tokio::sync::watch::channel(false);
+        Self { shared: Arc::new(Shared { rows: RwLock::new(rows), index: Box::new(index), caught_up }) }
+    }
+
+    /// The entity `key`.
+    pub fn get(&self, key: &str) -> Option<Arc<T>> {
+        self.shared.rows.read().expect("table lock").by_key.get(key).cloned()
+    }
+
+    /// The entities found under the secondary key `index_key`.
+    pub fn find(&self, index_key: &str) -> Vec<Arc<T>> {
+        let rows = self.shared.rows.read().expect("table lock");
+        rows.by_index
+            .get(index_key)
+            .map(|keys| keys.iter().filter_map(|key| rows.by_key.get(key).cloned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Number of live entities.
+    pub fn len(&self) -> usize {
+        self.shared.rows.read().expect("table lock").by_key.len()
+    }
+
+    /// True when the table holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Applies one record: a newer version replaces the row, a deleted one or a tombstone
+    /// (`None`) removes it, an older version is ignored. Returns whether the table changed.
+    pub fn apply(&self, key: &str, value: Option<T>) -> bool {
+        let mut rows = self.shared.rows.write().expect("table lock");
+        if let Some(value) = &value
+            && rows.versions.get(key).is_some_and(|&seen| seen > value.version())
+        {
+            return false;
+        }
+        if let Some(old) = rows.by_key.remove(key) {
+            for index_key in (self.shared.index)(&old) {
+                if let Some(keys) = rows.by_index.get_mut(&index_key) {
+                    keys.remove(key);
+                    if keys.is_empty() {
+                        rows.by_index.remove(&index_key);
+                    }
+                }
+            }
+        }
+        match value {
+            None => {
+                rows.versions.remove(key);
+            }
+            Some(value) => {
+                rows.versions.insert(key.to_owned(), value.version());
+                if !value.is_deleted() {
+                    for index_key in (self.shared.index)(&value) {
+                        rows.by_index.entry(index_key).or_default().insert(key.to_owned());
+                    }
+                    rows.by_key.insert(key.to_owned(), Arc::new(value));
+                }
+            }
+        }
+        true
+    }
+
+    /// Waits until the table holds everything the topic held when [`follow`](Self::follow)
+    /// started.
+    pub async fn caught_up(&self) {
+        let mut receiver = self.shared.caught_up.subscribe();
+        let _ = receiver.wait_for(|caught_up| *caught_up).await;
+    }
+
+    /// Reads the topic of `T` from the beginning and keeps following it until `shutdown`.
+    /// A record that cannot be decoded is logged with its location and skipped: refdata has
+    /// a single writer per topic, and the table must keep serving the rows it has.
+    pub async fn follow(self, kafka: KafkaConfig, codec: Codec, shutdown: CancellationToken) -> anyhow::Result<()> {
+        const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
+        let topic = kafka.topic(T::TOPIC);
+        let consumer: StreamConsumer = client_config(&kafka)
+            .set("group.id", format!("tributary-table-{}", uuid::Uuid::new_v4().simple()))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .create()
+            .context("creating the reference table consumer")?;
+        let metadata = consumer.fetch_metadata(Some(&topic), METADATA_TIMEOUT)?;
+        let partitions: Vec<i32> =
+            metadata.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
+        anyhow::ensure!(!partitions.is_empty(), "reference topic {topic} has no partitions (does it exist?)");
+        let mut assignment = TopicPartitionList::new();
+        let mut ends = BTreeMap::new();
+        for &partition in &partitions {
+            let (low, high) = consumer.fetch_watermarks(&topic, partition, METADATA_TIMEOUT)?;
+            assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
+            if high > low {
+                ends.insert(partition, high);
+            }
+        }
+        consumer.assign(&assignment)?;
+        let mut caught_up = ends.is_empty();
+        if caught_up {
+            self.shared.caught_up.send_replace(true);
+        }
+        tracing::info!(topic, partitions = partitions.len(), "following reference topic");
+        loop {
+            if !caught_up {
+                let positions = consumer.position()?;
+                caught_up = ends.iter().all(|(&p, &end)| {
+                    matches!(positions.find_partition(&topic, p).map(|e| e.offset()),
+                        Some(Offset::Offset(o)) if o >= end)
+                });
+                if caught_up {
+                    tracing::info!(topic, rows = self.len(), "reference table caught up");
+                    self.shared.caught_up.send_replace(true);
+                }
+            }
+            let message = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                received = tokio::time::timeout(Duration::from_millis(200), consumer.recv()) => match received {
+                    Err(_) => continue,
+                    Ok(Err(error)) => {
+                        tracing::warn!(topic, %error, "reference table consume error");
+                        continue;
+                    }
+                    Ok(Ok(message)) => message,
+                },
+            };
+            let Some(key) = message.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
+                tracing::warn!(topic, offset = message.offset(), "reference record without a key skipped");
+                continue;
+            };
+            let value = match message.payload() {
+                None => None,
+                Some(payload) => {
+                    let at = Location::new(T::TOPIC, message.partition(), message.offset());
+                    match codec.decode::<T>(&at, payload).await {
+                        Ok(value) => Some(value),
+                        Err(error) => {
+                            tracing::error!(topic, %error, "undecodable reference record skipped");
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.apply(&key, value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tributary_contracts::samples;
+
+    fn contract(id: &str, subscription: &str, version: i64, deleted: bool) -> types::Contract {
+        let mut contract: types::Contract = samples::typed(samples::Fill::Full, 1);
+        contract.contract_id = id.into();
+        contract.subscription_id = subscription.into();
+        contract.version = version;
+        contract.deleted = deleted;
+        contract
+    }
+
+    fn by_subscription(contract: &types::Contract) -> Vec<String> {
+        vec![contract.subscription_id.clone()]
+    }
+
+    #[test]
+    fn a_newer_version_replaces_an_older_one_and_never_the_reverse() {
+        let table = ReferenceTable::new(by_subscription);
+        assert!(table.apply("c1", Some(contract("c1", "sub-a", 2, false))));
+        assert!(!table.apply("c1", Some(contract("c1", "sub-b", 1, false))), "an older version is ignored");
+        assert_eq!(table.get("c1").unwrap().subscription_id, "sub-a");
+        assert!(table.apply("c1", Some(contract("c1", "sub-b", 3, false))));
+        assert!(table.find("sub-a").is_empty(), "the index follows the new version");
+        assert_eq!(table.find("sub-b").len(), 1);
+    }
+
+    #[test]
+    fn a_deletion_or_a_tombstone_removes_the_row_and_its_index_entries() {
+        let table = ReferenceTable::new(by_subscription);
+        table.apply("c1", Some(contract("c1", "sub-a", 1, false)));
+        table.apply("c1", Some(contract("c1", "sub-a", 2, true)));
+        assert!(table.get("c1").is_none() && table.find("sub-a").is_empty());
+        assert!(!table.apply("c1", Some(contract("c1", "sub-a", 1, false))), "no resurrection by an old version");
+        table.apply("c2", Some(contract("c2", "sub-b", 1, false)));
+        table.apply("c2", None);
+        assert!(table.is_empty());
+    }
+}

@@ -1,0 +1,456 @@
+//! The usage-ingest logic: one usage event in; running totals, threshold crossings and late
+//! notices out.
+//!
+//! For every meter an event belongs to, the processor folds its reading into aggregates keyed
+//! by account, subscription, meter, window and group-by values: one for the contract's billing
+//! period and one for the clock hour, each both per dimension values and as a total over all
+//! of them. State lives in the runtime's changelogged stores, so it survives restarts and
+//! moves with its partition; duplicates never reach this code (the runtime drops inputs whose
+//! `source/id` it has seen within the idempotency window).
+//!
+//! Outputs:
+//! - `usage.thresholds` at once, when the billing-period total first reaches a threshold
+//!   (once per threshold and period: the aggregate remembers which fired);
+//! - `usage.recorded` at a bounded rate: touched aggregates are marked dirty and a per-partition
+//!   flush timer writes each at most once per `recorded_interval`, and a final record when
+//!   the window closes (window end plus grace);
+//! - `usage.late` for an event whose billing period has closed, with the windows it missed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use prometheus_client::metrics::counter::Counter;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use tributary_contracts::decimal::Decimal6;
+use tributary_contracts::types::{
+    Contract, ContractStatus, Envelope, LateReason, MissedWindow, UsageEvent, UsageLate, UsageRecorded,
+    UsageThresholdCrossed, WindowKind,
+};
+use tributary_runtime::table::ReferenceTable;
+use tributary_runtime::{Context, Output, ProcessError, Processor, Timer};
+
+use crate::meters::{Aggregation, Measurement, Meters, Reading, TimeBounds};
+use crate::settings::Settings;
+use crate::windows::{self, Window};
+
+/// The `source` of every record usage-ingest writes.
+pub const SOURCE: &str = "tributary.usage-ingest";
+/// Store of aggregates, keyed by [`aggregate_key`].
+pub const AGGREGATES: &str = "aggregates";
+/// Store of aggregates changed since their last `usage.recorded`.
+pub const DIRTY: &str = "dirty";
+const FLUSH_TIMER: &str = "flush";
+const CLOSE_TIMER_PREFIX: &str = "close/";
+
+/// Contracts by subscription (`sub:<id>`) and by account (`acct:<id>`).
+pub fn contract_index(contract: &Contract) -> Vec<String> {
+    vec![format!("sub:{}", contract.subscription_id), format!("acct:{}", contract.envelope.account_id)]
+}
+
+/// Counters of what the processor decided, beside the runtime's metrics.
+#[derive(Debug, Clone, Default)]
+pub struct IngestCounters {
+    /// Events sent to `usage.late`.
+    pub late_events: Counter,
+    /// Events counted in their billing period whose hourly window had already closed.
+    pub hourly_windows_missed: Counter,
+    /// Threshold crossings emitted.
+    pub thresholds_crossed: Counter,
+    /// Events counted without a contract (calendar-month period, no thresholds).
+    pub events_without_contract: Counter,
+}
+
+/// The usage-ingest processor.
+#[derive(Debug)]
+pub struct UsageProcessor {
+    meters: Meters,
+    contracts: ReferenceTable<Contract>,
+    settings: Settings,
+    counters: IngestCounters,
+}
+
+/// Thresholds of a billing-period total: what is included and which percentages fired.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Thresholds {
+    included: Decimal6,
+    percents: Vec<i32>,
+    fired: BTreeSet<i32>,
+}
+
+/// One running total, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Aggregate {
+    account_id: String,
+    subscription_id: Option<String>,
+    contract_id: Option<String>,
+    meter: String,
+    unit: String,
+    aggregation: Aggregation,
+    window_kind: WindowKind,
+    window_start: i64,
+    window_end: i64,
+    dimensions: BTreeMap<String, String>,
+    total: Decimal6,
+    event_count: i64,
+    last_event_at: i64,
+    /// Distinct values seen (UNIQUE_COUNT only).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    distinct: BTreeSet<String>,
+    /// Time of the event whose value `total` holds (LATEST only).
+    #[serde(default)]
+    latest_at: Option<i64>,
+    /// Revisions written to `usage.recorded` so far.
+    sequence: i64,
+    #[serde(default)]
+    thresholds: Option<Thresholds>,
+    /// Envelope of the last event folded in: the cause of the next `usage.recorded`.
+    cause: Envelope,
+}
+
+impl Aggregate {
+    fn fold(&mut self, reading: &Reading, time: i64) -> Result<(), ProcessError> {
+        let overflow = |e| ProcessError::permanent("overflow", format!("total of meter {}: {e}", self.meter));
+        match (self.aggregation, reading) {
+            (Aggregation::Count, _) => self.total = Decimal6::new(self.total.value() + Decimal::ONE).map_err(overflow)?,
+            (Aggregation::Sum, Reading::Quantity(q)) => {
+                self.total = Decimal6::new(self.total.value() + q.value()).map_err(overflow)?
+            }
+            (Aggregation::Max, Reading::Quantity(q)) => {
+                if self.event_count == 0 || q.value() > self.total.value() {
+                    self.total = *q;
+                }
+            }
+            (Aggregation::Latest, Reading::Quantity(q)) => {
+                if self.latest_at.is_none_or(|at| time >= at) {
+                    self.total = *q;
+                    self.latest_at = Some(time);
+                }
+            }
+            (Aggregation::UniqueCount, Reading::Distinct(value)) => {
+                self.distinct.insert(value.clone());
+                self.total = Decimal6::from(self.distinct.len() as i64);
+            }
+            (aggregation, reading) => {
+                return Err(ProcessError::permanent("meter", format!("{aggregation:?} cannot fold {reading:?}")));
+            }
+        }
+        self.event_count += 1;
+        self.last_event_at = self.last_event_at.max(time);
+        Ok(())
+    }
+
+    fn recorded(&self, key: &str, now: DateTime<Utc>, is_final: bool) -> UsageRecorded {
+        UsageRecorded {
+            envelope: Envelope::caused_by(&self.cause, SOURCE, &format!("recorded/{key}/{}", self.sequence), now),
+            subscription_id: self.subscription_id.clone(),
+            contract_id: self.contract_id.clone(),
+            meter: self.meter.clone(),
+            unit: self.unit.clone(),
+            window_kind: self.window_kind,
+            window_start: self.window_start,
+            window_end: self.window_end,
+            total_quantity: self.total,
+            event_count: self.event_count,
+            last_event_at: self.last_event_at,
+            dimensions: self.dimensions.clone().into_iter().collect(),
+            sequence: self.sequence,
+            is_final,
+        }
+    }
+}
+
+/// The key of an aggregate. It starts with the close time, so that the timer closing all
+/// windows that end together finds them by prefix.
+fn aggregate_key(
+    close_at: i64,
+    account: &str,
+    window: &Window,
+    meter: &str,
+    subscription: Option<&str>,
+    dimensions: &BTreeMap<String, String>,
+) -> String {
+    let kind = match window.kind {
+        WindowKind::Hour => "hour",
+        _ => "period",
+    };
+    let dimensions = serde_json::to_string(dimensions).unwrap_or_default();
+    format!("{close_at:013}|{account}|{kind}|{}|{meter}|{}|{dimensions}", window.start, subscription.unwrap_or(""))
+}
+
+fn millis(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl UsageProcessor {
+    /// A processor counting with `meters` against the contracts of `contracts`.
+    pub fn new(meters: Meters, contracts: ReferenceTable<Contract>, settings: Settings, counters: IngestCounters) -> Self {
+        Self { meters, contracts, settings, counters }
+    }
+
+    /// The contract whose term covers the event: by its subscription, else by its account;
+    /// an ACTIVE one before others, then the newest version.
+    fn contract_for(&self, event: &UsageEvent) -> Option<Arc<Contract>> {
+        let index_key = match &event.subscription_id {
+            Some(subscription) => format!("sub:{subscription}"),
+            None => format!("acct:{}", event.envelope.account_id),
+        };
+        self.contracts
+            .find(&index_key)
+            .into_iter()
+            .filter(|c| c.term_start <= event.time && event.time < c.term_end)
+            .max_by_key(|c| (c.status == ContractStatus::Active, c.version))
+    }
+
+    fn thresholds(&self, contract: Option<&Contract>, meter: &str) -> Option<Thresholds> {
+        let included = contract?.included_usage.iter().find(|u| u.meter == meter)?;
+        let mut percents = included.threshold_percents.clone().unwrap_or_else(|| self.settings.default_thresholds.clone());
+        percents.sort_unstable();
+        percents.dedup();
+        Some(Thresholds { included: included.included_quantity, percents, fired: BTreeSet::new() })
+    }
+
+    fn late(
+        &self,
+        context: &mut Context<'_>,
+        input: &UsageEvent,
+        measurements: &[Measurement<'_>],
+        windows: &[(Window, i64)],
+    ) {
+        let now = context.now();
+        let missed: Vec<MissedWindow> = measurements
+            .iter()
+            .flat_map(|m| {
+                windows.iter().map(|(window, close_at)| MissedWindow {
+                    meter: m.meter.definition.key.clone(),
+                    window_kind: window.kind,
+                    window_start: window.start,
+                    window_end: window.end,
+                    grace_ends_at: *close_at,
+                })
+            })
+            .collect();
+        let latest_close = windows.iter().map(|(_, close)| *close).max().unwrap_or_default();
+        let (period, period_close) = windows[0];
+        let detail = format!(
+            "billing period {} – {} closed at {} (grace {})",
+            format_ms(period.start),
+            format_ms(period.end),
+            format_ms(period_close),
+            humantime::format_duration(self.settings.period_grace),
+        );
+        let late = UsageLate {
+            envelope: Envelope::caused_by(&input.envelope, SOURCE, "late", now),
+            id: input.id.clone(),
+            source: input.source.clone(),
+            r#type: input.r#type.clone(),
+            subject: input.subject.clone(),
+            time: input.time,
+            data: input.data.clone(),
+            subscription_id: input.subscription_id.clone(),
+            meter: input.meter.clone(),
+            quantity: input.quantity,
+            unit: input.unit.clone(),
+            dimensions: input.dimensions.clone(),
+            received_at: input.received_at,
+            reason: LateReason::GraceExpired,
+            reason_detail: Some(detail),
+            missed_windows: missed,
+            lateness_ms: (now.timestamp_millis() - latest_close).max(1),
+        };
+        self.counters.late_events.inc();
+        context.emit(Output::new(input.envelope.account_id.clone(), late));
+    }
+
+    /// Emits the threshold crossings `aggregate` has reached and not yet reported.
+    fn check_thresholds(&self, context: &mut Context<'_>, key: &str, aggregate: &mut Aggregate, input: &UsageEvent) {
+        let (Some(thresholds), Some(subscription), Some(contract)) =
+            (&mut aggregate.thresholds, &aggregate.subscription_id, &aggregate.contract_id)
+        else {
+            return;
+        };
+        for &percent in &thresholds.percents {
+            if thresholds.fired.contains(&percent) {
+                continue;
+            }
+            let threshold = (thresholds.included.value() * Decimal::from(percent) / Decimal::ONE_HUNDRED).round_dp(6);
+            if aggregate.total.value() < threshold {
+                break; // percents are sorted: the higher ones are not reached either
+            }
+            thresholds.fired.insert(percent);
+            let overage = (aggregate.total.value() - thresholds.included.value()).max(Decimal::ZERO);
+            let crossed = UsageThresholdCrossed {
+                envelope: Envelope::caused_by(
+                    &input.envelope,
+                    SOURCE,
+                    &format!("threshold/{key}/{percent}"),
+                    DateTime::from_timestamp_millis(input.time).unwrap_or_default(),
+                ),
+                subscription_id: subscription.clone(),
+                contract_id: contract.clone(),
+                meter: aggregate.meter.clone(),
+                unit: aggregate.unit.clone(),
+                threshold_percent: percent,
+                included_quantity: thresholds.included,
+                threshold_quantity: Decimal6::new(threshold).unwrap_or(thresholds.included),
+                used_quantity: aggregate.total,
+                overage_quantity: Decimal6::new(overage).unwrap_or_default(),
+                period_start: aggregate.window_start,
+                period_end: aggregate.window_end,
+                crossed_at: input.time,
+            };
+            self.counters.thresholds_crossed.inc();
+            tracing::info!(account = aggregate.account_id, meter = aggregate.meter, percent, "threshold crossed");
+            context.emit(Output::new(aggregate.account_id.clone(), crossed));
+        }
+    }
+
+    /// Writes the running total of every dirty aggregate of this partition.
+    fn flush(context: &mut Context<'_>) -> Result<(), ProcessError> {
+        let now = context.now();
+        for (key, _) in context.scan_prefix::<i64>(DIRTY, "") {
+            context.delete(DIRTY, &key);
+            let Some(mut aggregate) = context.get::<Aggregate>(AGGREGATES, &key)? else { continue };
+            aggregate.sequence += 1;
+            context.emit(Output::new(aggregate.account_id.clone(), aggregate.recorded(&key, now, false)));
+            context.put(AGGREGATES, &key, &aggregate)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the final total of every aggregate closing at `close_at` and forgets them.
+    fn close(context: &mut Context<'_>, close_at: &str) -> Result<(), ProcessError> {
+        let now = context.now();
+        for (key, mut aggregate) in context.scan_prefix::<Aggregate>(AGGREGATES, &format!("{close_at}|")) {
+            aggregate.sequence += 1;
+            context.emit(Output::new(aggregate.account_id.clone(), aggregate.recorded(&key, now, true)));
+            context.delete(AGGREGATES, &key);
+            context.delete(DIRTY, &key);
+        }
+        Ok(())
+    }
+}
+
+fn format_ms(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+impl Processor for UsageProcessor {
+    type Input = UsageEvent;
+
+    fn stores(&self) -> Vec<&'static str> {
+        vec![AGGREGATES, DIRTY]
+    }
+
+    /// Duplicates are the same `source` and `id` as the platform sent them, whichever way
+    /// (Kafka or HTTP) and however often they came.
+    fn idempotency_key(&self, input: &UsageEvent) -> Option<String> {
+        Some(format!("{}/{}", input.source, input.id))
+    }
+
+    async fn process(&mut self, context: &mut Context<'_>, input: &UsageEvent) -> Result<(), ProcessError> {
+        let now = context.now();
+        let bounds = TimeBounds { max_age: self.settings.max_event_age, max_skew: self.settings.max_clock_skew };
+        let measurements = self
+            .meters
+            .measure(input, now, bounds)
+            .map_err(|rejection| ProcessError::permanent("validation", rejection.to_string()))?;
+        let contract = self.contract_for(input);
+        if contract.is_none() {
+            self.counters.events_without_contract.inc();
+        }
+        let period = windows::billing_period(contract.as_deref(), input.time);
+        let hour = windows::hour(input.time);
+        let period_close = period.end + millis(self.settings.period_grace);
+        let hour_close = hour.end + millis(self.settings.hour_grace);
+        let now_ms = now.timestamp_millis();
+        // The billing period decides: once it has closed, the event is counted nowhere and
+        // reported for correction. An hour that closed inside an open period only loses its
+        // hourly total.
+        if now_ms >= period_close {
+            let mut missed = vec![(period, period_close)];
+            if now_ms >= hour_close {
+                missed.push((hour, hour_close));
+            }
+            self.late(context, input, &measurements, &missed);
+            return Ok(());
+        }
+        let mut windows = vec![(period, period_close)];
+        if now_ms < hour_close {
+            windows.push((hour, hour_close));
+        } else {
+            self.counters.hourly_windows_missed.inc();
+        }
+
+        let account = input.envelope.account_id.as_str();
+        let subscription = contract.as_ref().map(|c| c.subscription_id.clone()).or_else(|| input.subscription_id.clone());
+        for measurement in &measurements {
+            let definition = &measurement.meter.definition;
+            let mut dimension_sets = vec![BTreeMap::new()];
+            if !measurement.dimensions.is_empty() {
+                dimension_sets.push(measurement.dimensions.clone());
+            }
+            for (window, close_at) in &windows {
+                for dimensions in &dimension_sets {
+                    let key =
+                        aggregate_key(*close_at, account, window, &definition.key, subscription.as_deref(), dimensions);
+                    let mut aggregate = match context.get::<Aggregate>(AGGREGATES, &key)? {
+                        Some(aggregate) => aggregate,
+                        None => {
+                            let timer = format!("{CLOSE_TIMER_PREFIX}{close_at:013}");
+                            if context.scheduled(&timer)?.is_none() {
+                                let due = DateTime::from_timestamp_millis(*close_at).unwrap_or(now);
+                                context.schedule(&timer, due, serde_json::Value::Null)?;
+                            }
+                            let is_period_total = window.kind == WindowKind::BillingPeriod && dimensions.is_empty();
+                            Aggregate {
+                                account_id: account.to_owned(),
+                                subscription_id: subscription.clone(),
+                                contract_id: contract.as_ref().map(|c| c.contract_id.clone()),
+                                meter: definition.key.clone(),
+                                unit: definition.unit.clone(),
+                                aggregation: definition.aggregation,
+                                window_kind: window.kind,
+                                window_start: window.start,
+                                window_end: window.end,
+                                dimensions: dimensions.clone(),
+                                total: Decimal6::default(),
+                                event_count: 0,
+                                last_event_at: input.time,
+                                distinct: BTreeSet::new(),
+                                latest_at: None,
+                                sequence: 0,
+                                thresholds: if is_period_total {
+                                    self.thresholds(contract.as_deref(), &definition.key)
+                                } else {
+                                    None
+                                },
+                                cause: input.envelope.clone(),
+                            }
+                        }
+                    };
+                    aggregate.fold(&measurement.reading, input.time)?;
+                    aggregate.cause = input.envelope.clone();
+                    self.check_thresholds(context, &key, &mut aggregate, input);
+                    context.put(AGGREGATES, &key, &aggregate)?;
+                    context.put(DIRTY, &key, &1_i64)?;
+                }
+            }
+        }
+        if context.scheduled(FLUSH_TIMER)?.is_none() {
+            let interval = chrono::Duration::from_std(self.settings.recorded_interval).unwrap_or_default();
+            context.schedule(FLUSH_TIMER, now + interval, serde_json::Value::Null)?;
+        }
+        Ok(())
+    }
+
+    async fn on_timer(&mut self, context: &mut Context<'_>, timer: &Timer) -> Result<(), ProcessError> {
+        match timer.key.strip_prefix(CLOSE_TIMER_PREFIX) {
+            Some(close_at) => Self::close(context, close_at),
+            None => Self::flush(context),
+        }
+    }
+}
