@@ -6,3 +6,4 @@ mod runtime;
 mod schema_registry;
 mod service_shape;
 mod tryton_erp;
+mod usage_ingest;

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tributary_runtime::config::NoSettings;
 use tributary_tests::{eventually, stack};
 
 async fn get(url: &str) -> Option<(u16, String)> {
@@ -24,6 +23,9 @@ async fn a_service_binary_reports_ready_serves_metrics_and_exits_0_on_sigterm() 
     let mut child = tokio::process::Command::new(&binary)
         .envs(stack.service_env())
         .env("TRIBUTARY__ADMIN__LISTEN", format!("127.0.0.1:{port}"))
+        .env("TRIBUTARY_CONFIG", tributary_tests::workspace_file("deploy/config/usage-ingest.toml"))
+        .env("TRIBUTARY__USAGE_INGEST__HTTP__LISTEN", "127.0.0.1:0")
+        .env("TRIBUTARY__KAFKA__TOPIC_PREFIX", format!("{}.", tributary_tests::unique_name("shape")))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -51,7 +53,9 @@ async fn a_service_binary_reports_ready_serves_metrics_and_exits_0_on_sigterm() 
 #[tokio::test]
 async fn a_service_runs_in_process_and_stops_when_asked() {
     let stack = stack();
-    let config = stack.service_config::<NoSettings>("shape");
+    let mut config = stack.service_config::<usage_ingest::Settings>("shape");
+    config.kafka.topic_prefix = format!("{}.", tributary_tests::unique_name("shape"));
+    config.service.http.enabled = false;
     let service = tributary_runtime::service::spawn::<usage_ingest::App>(config).await.expect("spawn");
     let ready_url = format!("http://{}/health/ready", service.admin_addr);
     eventually(Duration::from_secs(30), "readiness", || async {

@@ -62,6 +62,23 @@ pub async fn produce<T: Contract>(producer: &FutureProducer, codec: &Codec, topi
     }
 }
 
+/// Writes `values` to `topic` under the given keys, all in flight at once (the idempotent
+/// producer keeps their order per partition); for bulk loads.
+pub async fn produce_keyed<T: Contract>(producer: &FutureProducer, codec: &Codec, topic: &str, values: &[(String, T)]) {
+    let mut payloads = Vec::with_capacity(values.len());
+    for (key, value) in values {
+        payloads.push((key, codec.encode(value).await.expect("encode")));
+    }
+    for chunk in payloads.chunks(5_000) {
+        let sends = chunk.iter().map(|(key, payload)| {
+            producer.send(FutureRecord::to(topic).key(key.as_str()).payload(payload.as_slice()), TIMEOUT)
+        });
+        for outcome in futures::future::join_all(sends).await {
+            outcome.map_err(|(error, _)| error).expect("produce");
+        }
+    }
+}
+
 /// Writes raw bytes to `topic` under `key`.
 pub async fn produce_raw(producer: &FutureProducer, topic: &str, key: &str, payload: &[u8]) {
     producer

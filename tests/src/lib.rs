@@ -137,6 +137,11 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// The path of `relative` in the workspace (configuration files the tests share with the demo).
+pub fn workspace_file(relative: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root").join(relative)
+}
+
 /// Polls `check` every 100 ms until it returns `Some` or `timeout` passes.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

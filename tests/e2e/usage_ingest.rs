@@ -1,0 +1,630 @@
+//! usage-ingest on the real stack: deduplication over HTTP and Kafka, thresholds, late
+//! events, the HTTP error paths, and totals against a recomputation from the inputs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chrono::Utc;
+use rand::Rng as _;
+use rand::seq::IndexedRandom as _;
+use serde_json::{Value, json};
+use tributary_contracts::codec::Codec;
+use tributary_contracts::decimal::Decimal6;
+use tributary_contracts::samples::{Fill, typed};
+use tributary_contracts::topics;
+use tributary_contracts::types::{
+    BillingPeriod, Contract, ContractStatus, Envelope, IncludedUsage, LateReason, UsageEvent, UsageLate,
+    UsageRecorded, UsageThresholdCrossed, WindowKind,
+};
+use tributary_runtime::ServiceConfig;
+use tributary_runtime::dlq;
+use tributary_runtime::service::{RunningService, spawn};
+use tributary_tests::kafka::{Read, codec, produce, produce_keyed, producer, read_to_end};
+use tributary_tests::{Stack, eventually, stack, unique_name};
+use usage_ingest::meters::{Aggregation, MeterDefinition};
+use usage_ingest::{App, NAME, Settings};
+
+const API_KEY: &str = "test-key-0123456789abcdef";
+const SOURCE: &str = "test-platform";
+
+/// One test's isolated world: topics under a unique prefix, its own group and HTTP port.
+struct Ingest {
+    stack: &'static Stack,
+    prefix: String,
+    group: String,
+    codec: Codec,
+    http: SocketAddr,
+    client: reqwest::Client,
+}
+
+fn meter(key: &str, event_type: &str, aggregation: Aggregation, value: Option<&str>, unit: &str) -> MeterDefinition {
+    MeterDefinition {
+        key: key.into(),
+        event_type: event_type.into(),
+        aggregation,
+        value_property: value.map(str::to_owned),
+        unit: unit.into(),
+        group_by: BTreeMap::new(),
+    }
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+impl Ingest {
+    fn new() -> Self {
+        let stack = stack();
+        let prefix = format!("{}.", unique_name("ui"));
+        Self {
+            stack,
+            codec: codec(stack, &prefix),
+            group: unique_name("usage-ingest"),
+            prefix,
+            http: free_port(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        let mut tokens = meter("tokens", "llm.completion", Aggregation::Sum, Some("$.tokens"), "token");
+        tokens.group_by.insert("model".into(), "$.model".into());
+        let mut settings = Settings {
+            meters: vec![
+                meter("api_calls", "api.call", Aggregation::Count, None, "call"),
+                tokens,
+                meter("active_users", "login", Aggregation::UniqueCount, Some("$.user"), "user"),
+                meter("peak_seats", "seats.observed", Aggregation::Max, Some("$.seats"), "seat"),
+                meter("storage", "storage.snapshot", Aggregation::Latest, Some("$.gb"), "GB"),
+            ],
+            recorded_interval: Duration::from_millis(500),
+            ..Settings::default()
+        };
+        settings.http.listen = self.http;
+        settings.http.api_keys = vec![API_KEY.into()];
+        settings
+    }
+
+    fn config(&self, settings: Settings) -> ServiceConfig<Settings> {
+        let mut config = self.stack.service_config::<Settings>("usage-ingest");
+        config.kafka.group_id = Some(self.group.clone());
+        config.kafka.transactional_id_prefix = Some(self.group.clone());
+        config.kafka.topic_prefix = self.prefix.clone();
+        config.runtime.instance_id = "ui-0".into();
+        config.runtime.tick_interval = Duration::from_millis(200);
+        config.service = settings;
+        config
+    }
+
+    async fn start_with(&self, settings: Settings) -> RunningService {
+        let service = spawn::<App>(self.config(settings)).await.expect("start usage-ingest");
+        let ready = format!("http://{}/health/ready", service.admin_addr);
+        eventually(Duration::from_secs(60), "usage-ingest to be ready", || async {
+            reqwest::get(&ready).await.ok().filter(|r| r.status().is_success())
+        })
+        .await;
+        service
+    }
+
+    async fn start(&self) -> RunningService {
+        self.start_with(self.settings()).await
+    }
+
+    fn topic(&self, topic: &str) -> String {
+        format!("{}{topic}", self.prefix)
+    }
+
+    async fn produce(&self, events: &[UsageEvent]) {
+        produce(&producer(self.stack), &self.codec, &self.topic(topics::USAGE_EVENTS), events).await;
+    }
+
+    async fn publish_contracts(&self, contracts: &[Contract]) {
+        let keyed: Vec<(String, Contract)> = contracts.iter().map(|c| (c.contract_id.clone(), c.clone())).collect();
+        produce_keyed(&producer(self.stack), &self.codec, &self.topic(topics::REFDATA_CONTRACTS), &keyed).await;
+    }
+
+    async fn read<T: tributary_contracts::Contract>(&self) -> Vec<T> {
+        let records: Vec<Read<T>> = read_to_end(self.stack, &self.codec, &self.topic(T::TOPIC)).await;
+        records.into_iter().map(|r| r.value.expect("every record decodes")).collect()
+    }
+
+    /// The newest revision of every aggregate written to `usage.recorded`.
+    async fn latest_totals(&self) -> BTreeMap<AggregateId, UsageRecorded> {
+        let mut latest: BTreeMap<AggregateId, UsageRecorded> = BTreeMap::new();
+        for record in self.read::<UsageRecorded>().await {
+            let id = AggregateId::of(&record);
+            if latest.get(&id).is_none_or(|seen| seen.sequence < record.sequence) {
+                latest.insert(id, record);
+            }
+        }
+        latest
+    }
+
+    /// Waits until the billing-period total of `meter` for `account` reaches `expected`.
+    async fn wait_for_period_total(&self, account: &str, meter: &str, expected: i64) -> UsageRecorded {
+        eventually(Duration::from_secs(60), &format!("{account}/{meter} to total {expected}"), || async {
+            self.latest_totals()
+                .await
+                .into_values()
+                .find(|r| {
+                    r.envelope.account_id == account
+                        && r.meter == meter
+                        && r.window_kind == WindowKind::BillingPeriod
+                        && r.dimensions.is_empty()
+                        && r.total_quantity == Decimal6::from(expected)
+                })
+        })
+        .await
+    }
+
+    async fn post(&self, content_type: &str, key: Option<&str>, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let mut request = self
+            .client
+            .post(format!("http://{}/v1/events", self.http))
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("the HTTP endpoint answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post_events(&self, events: &[Value]) -> (u16, Value) {
+        self.post("application/cloudevents-batch+json", Some(API_KEY), serde_json::to_vec(events).unwrap()).await
+    }
+}
+
+/// What identifies one aggregate in `usage.recorded`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct AggregateId {
+    account: String,
+    meter: String,
+    kind: String,
+    window_start: i64,
+    dimensions: BTreeMap<String, String>,
+}
+
+impl AggregateId {
+    fn of(record: &UsageRecorded) -> Self {
+        Self {
+            account: record.envelope.account_id.clone(),
+            meter: record.meter.clone(),
+            kind: format!("{:?}", record.window_kind),
+            window_start: record.window_start,
+            dimensions: record.dimensions.clone().into_iter().collect(),
+        }
+    }
+}
+
+fn cloud_event(id: &str, account: &str, event_type: &str, data: Value) -> Value {
+    json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": SOURCE,
+        "type": event_type,
+        "subject": account,
+        "time": Utc::now().to_rfc3339(),
+        "data": data,
+    })
+}
+
+fn kafka_event(id: &str, account: &str, event_type: &str, data: Value, time_ms: i64) -> UsageEvent {
+    let mut envelope = Envelope::originating(SOURCE, account, Utc::now());
+    envelope.occurred_at = time_ms;
+    UsageEvent {
+        envelope,
+        id: id.into(),
+        source: SOURCE.into(),
+        r#type: event_type.into(),
+        subject: account.into(),
+        time: time_ms,
+        data: data.to_string(),
+        subscription_id: None,
+        meter: None,
+        quantity: None,
+        unit: None,
+        dimensions: Default::default(),
+        received_at: None,
+    }
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+fn contract(account: &str, included_calls: i64, percents: Option<Vec<i32>>, term: (i64, i64)) -> Contract {
+    let mut contract: Contract = typed(Fill::Full, 7);
+    contract.envelope = Envelope::originating("test-crm", account, Utc::now());
+    contract.contract_id = format!("ctr-{account}");
+    contract.customer_id = format!("cus-{account}");
+    contract.subscription_id = format!("sub-{account}");
+    contract.status = ContractStatus::Active;
+    contract.term_start = term.0;
+    contract.term_end = term.1;
+    contract.billing_period = BillingPeriod::Annual;
+    contract.included_usage = vec![IncludedUsage {
+        meter: "api_calls".into(),
+        included_quantity: Decimal6::from(included_calls),
+        unit: "call".into(),
+        threshold_percents: percents,
+    }];
+    contract.deleted = false;
+    contract.version = 1;
+    contract
+}
+
+fn current_term() -> (i64, i64) {
+    (now_ms() - 30 * DAY_MS, now_ms() + 300 * DAY_MS)
+}
+
+#[tokio::test]
+async fn duplicates_over_http_and_kafka_are_counted_once_also_across_a_restart() {
+    let world = Ingest::new();
+    let account = "acct-dedup";
+    let service = world.start().await;
+
+    let first = cloud_event("evt-1", account, "api.call", json!({}));
+    assert_eq!(world.post_events(&[first.clone()]).await.0, 202);
+    assert_eq!(world.post_events(&[first.clone()]).await.0, 202, "a resent event is accepted again");
+    let now = now_ms();
+    world.produce(&[kafka_event("evt-1", account, "api.call", json!({}), now)]).await; // same source and id
+    world.produce(&[kafka_event("evt-2", account, "api.call", json!({}), now)]).await;
+    world.wait_for_period_total(account, "api_calls", 2).await;
+    service.stop().await.expect("clean stop");
+
+    let service = world.start().await;
+    assert_eq!(world.post_events(&[first]).await.0, 202);
+    world.produce(&[kafka_event("evt-2", account, "api.call", json!({}), now)]).await;
+    world.produce(&[kafka_event("evt-3", account, "api.call", json!({}), now)]).await; // behind the repeats
+    let total = world.wait_for_period_total(account, "api_calls", 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // a few more flushes: nothing may follow
+    service.stop().await.expect("clean stop");
+
+    assert_eq!(total.event_count, 3, "three distinct events");
+    let highest = world
+        .latest_totals()
+        .await
+        .into_values()
+        .filter(|r| r.envelope.account_id == account && r.window_kind == WindowKind::BillingPeriod)
+        .map(|r| r.total_quantity)
+        .max();
+    assert_eq!(highest, Some(Decimal6::from(3)), "the repeats after the restart were not counted");
+}
+
+#[tokio::test]
+async fn usage_recorded_carries_running_totals_at_a_bounded_rate_not_per_event() {
+    let world = Ingest::new();
+    let account = "acct-burst";
+    let service = world.start().await;
+    let now = now_ms();
+    let burst: Vec<(String, UsageEvent)> = (0..500)
+        .map(|i| (account.to_owned(), kafka_event(&format!("burst-{i}"), account, "api.call", json!({}), now)))
+        .collect();
+    produce_keyed(&producer(world.stack), &world.codec, &world.topic(topics::USAGE_EVENTS), &burst).await;
+    world.wait_for_period_total(account, "api_calls", 500).await;
+    service.stop().await.expect("clean stop");
+
+    let revisions: Vec<UsageRecorded> = world
+        .read::<UsageRecorded>()
+        .await
+        .into_iter()
+        .filter(|r| r.window_kind == WindowKind::BillingPeriod)
+        .collect();
+    assert!(
+        revisions.len() <= 50,
+        "500 events gave {} revisions of the period total; one per event would be 500",
+        revisions.len()
+    );
+    let sequences: Vec<i64> = revisions.iter().map(|r| r.sequence).collect();
+    assert_eq!(sequences, (1..=revisions.len() as i64).collect::<Vec<_>>(), "revisions count up by one");
+    assert!(revisions.windows(2).all(|w| w[0].total_quantity <= w[1].total_quantity), "running totals only grow");
+}
+
+#[tokio::test]
+async fn each_threshold_fires_once_also_across_restarts() {
+    let world = Ingest::new();
+    let (standard, custom) = ("acct-thresholds", "acct-custom-thresholds");
+    world
+        .publish_contracts(&[
+            contract(standard, 10, None, current_term()),
+            contract(custom, 4, Some(vec![50]), current_term()),
+        ])
+        .await;
+    let calls = |account: &str, range: std::ops::Range<i32>| -> Vec<UsageEvent> {
+        range.map(|i| kafka_event(&format!("{account}-{i}"), account, "api.call", json!({}), now_ms())).collect()
+    };
+
+    let service = world.start().await;
+    world.produce(&calls(standard, 0..9)).await;
+    world.produce(&calls(custom, 0..3)).await;
+    world.wait_for_period_total(standard, "api_calls", 9).await;
+    service.stop().await.expect("clean stop");
+
+    let service = world.start().await;
+    world.produce(&calls(standard, 9..13)).await;
+    world.produce(&calls(custom, 3..8)).await;
+    world.wait_for_period_total(standard, "api_calls", 13).await;
+    world.wait_for_period_total(custom, "api_calls", 8).await;
+    service.stop().await.expect("clean stop");
+
+    let crossings = world.read::<UsageThresholdCrossed>().await;
+    let of = |account: &str| -> Vec<(i32, Decimal6, Decimal6)> {
+        let mut seen: Vec<_> = crossings
+            .iter()
+            .filter(|c| c.envelope.account_id == account)
+            .map(|c| (c.threshold_percent, c.used_quantity, c.overage_quantity))
+            .collect();
+        seen.sort();
+        seen
+    };
+    assert_eq!(
+        of(standard),
+        vec![
+            (80, Decimal6::from(8), Decimal6::from(0)),
+            (100, Decimal6::from(10), Decimal6::from(0)),
+            (120, Decimal6::from(12), Decimal6::from(2)),
+        ],
+        "80, 100 and 120 % each fire once, at the event that crosses them"
+    );
+    assert_eq!(of(custom), vec![(50, Decimal6::from(2), Decimal6::from(0))], "the contract's own thresholds");
+    let crossing = crossings.iter().find(|c| c.envelope.account_id == standard).unwrap();
+    assert_eq!(crossing.contract_id, format!("ctr-{standard}"));
+    assert_eq!(crossing.subscription_id, format!("sub-{standard}"));
+    assert_eq!(crossing.included_quantity, Decimal6::from(10));
+}
+
+#[tokio::test]
+async fn late_events_go_to_usage_late_and_an_hour_closed_inside_an_open_period_only_loses_its_hour() {
+    let world = Ingest::new();
+    let (ended, open) = ("acct-ended-term", "acct-open-term");
+    let ended_term = (now_ms() - 5 * DAY_MS, now_ms() - 2 * DAY_MS);
+    world.publish_contracts(&[contract(ended, 100, None, ended_term), contract(open, 100, None, current_term())]).await;
+    let service = world.start().await;
+
+    let three_days_ago = now_ms() - 3 * DAY_MS;
+    let three_hours_ago = now_ms() - 3 * 3_600_000;
+    world.produce(&[kafka_event("late-1", ended, "api.call", json!({}), three_days_ago)]).await;
+    world.produce(&[kafka_event("old-hour-1", open, "api.call", json!({}), three_hours_ago)]).await;
+    let counted = world.wait_for_period_total(open, "api_calls", 1).await;
+    let late: Vec<UsageLate> = eventually(Duration::from_secs(30), "the late event", || async {
+        let late = world.read::<UsageLate>().await;
+        (!late.is_empty()).then_some(late)
+    })
+    .await;
+    service.stop().await.expect("clean stop");
+
+    assert_eq!(late.len(), 1, "only the event of the closed period is late: {late:?}");
+    let late = &late[0];
+    assert_eq!((late.id.as_str(), late.reason), ("late-1", LateReason::GraceExpired));
+    let period = late.missed_windows.iter().find(|w| w.window_kind == WindowKind::BillingPeriod).expect("the period");
+    assert_eq!(period.window_end, ended_term.1, "the period ended with the term");
+    assert_eq!(period.grace_ends_at, ended_term.1 + 6 * 3_600_000, "default period grace: 6 h");
+    assert!(late.lateness_ms > 0);
+    assert!(late.reason_detail.as_deref().unwrap_or_default().contains("closed"));
+
+    let totals = world.latest_totals().await;
+    assert!(totals.keys().all(|id| id.account != ended), "the late event was counted nowhere");
+    assert_eq!(counted.contract_id.as_deref(), Some(format!("ctr-{open}").as_str()));
+    assert!(
+        !totals.keys().any(|id| id.account == open && id.kind == "Hour"),
+        "an hour closed three hours ago gets no total"
+    );
+}
+
+#[tokio::test]
+async fn every_http_error_path_answers_as_specified() {
+    let world = Ingest::new();
+    let mut settings = world.settings();
+    settings.http.max_body_bytes = 8 * 1024;
+    settings.http.max_batch_events = 20;
+    let service = world.start_with(settings).await;
+    let good = |id: &str| cloud_event(id, "acct-http", "llm.completion", json!({"tokens": 10, "model": "small"}));
+    let batch = |events: &[Value]| serde_json::to_vec(events).unwrap();
+
+    let (status, body) = world.post("application/cloudevents-batch+json", None, batch(&[good("a")])).await;
+    assert_eq!(status, 401, "no key: {body}");
+    let (status, _) = world.post("application/cloudevents-batch+json", Some("wrong-key-0123456789"), batch(&[good("a")])).await;
+    assert_eq!(status, 401, "a wrong key");
+    let (status, body) = world.post("text/plain", Some(API_KEY), batch(&[good("a")])).await;
+    assert_eq!(status, 415, "{body}");
+    let big: Vec<Value> = (0..19).map(|i| cloud_event(&format!("big-{i}"), "acct-http", "llm.completion", json!({"tokens": 1, "pad": "x".repeat(600)}))).collect();
+    let (status, _) = world.post_events(&big).await;
+    assert_eq!(status, 413, "a body over max_body_bytes");
+    let many: Vec<Value> = (0..21).map(|i| good(&format!("many-{i}"))).collect();
+    let (status, body) = world.post_events(&many).await;
+    assert_eq!(status, 413, "a batch over max_batch_events: {body}");
+    let (status, body) = world.post("application/cloudevents+json", Some(API_KEY), "{not json").await;
+    assert_eq!(status, 400, "malformed JSON: {body}");
+    let (status, body) = world.post("application/cloudevents+json", Some(API_KEY), batch(&[good("a")])).await;
+    assert_eq!(status, 400, "a batch sent as a single event: {body}");
+
+    let mut future = good("future");
+    future["time"] = json!((Utc::now() + chrono::Duration::hours(2)).to_rfc3339());
+    let mut negative = good("negative");
+    negative["data"]["tokens"] = json!(-5);
+    let mut no_id = good("x");
+    no_id.as_object_mut().unwrap().remove("id");
+    let unknown = cloud_event("unknown", "acct-http", "nobody.meters.this", json!({}));
+    let (status, body) = world.post_events(&[good("valid-but-withheld"), future, negative, unknown, no_id]).await;
+    assert_eq!(status, 400, "{body}");
+    let rejected = body["rejected"].as_array().expect("a reason per refused event");
+    let reasons: Vec<(u64, &str)> =
+        rejected.iter().map(|r| (r["index"].as_u64().unwrap(), r["field"].as_str().unwrap())).collect();
+    assert_eq!(reasons, vec![(1, "time"), (2, "data.tokens"), (3, "type"), (4, "event")], "{body}");
+    assert!(rejected.iter().all(|r| !r["reason"].as_str().unwrap().is_empty()));
+
+    let (status, body) = world.post("application/cloudevents+json", Some(API_KEY), serde_json::to_vec(&good("single")).unwrap()).await;
+    assert_eq!((status, body["accepted"].clone()), (202, json!(["single"])));
+    let (status, body) = world.post_events(&[good("b1"), good("b2")]).await;
+    assert_eq!((status, body["accepted"].clone()), (202, json!(["b1", "b2"])));
+    service.stop().await.expect("clean stop");
+
+    let written = world.read::<UsageEvent>().await;
+    let ids: BTreeSet<&str> = written.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, BTreeSet::from(["single", "b1", "b2"]), "a refused batch writes nothing, not even its valid events");
+    let single = written.iter().find(|e| e.id == "single").unwrap();
+    assert_eq!((single.envelope.account_id.as_str(), single.source.as_str()), ("acct-http", SOURCE));
+    assert!(single.received_at.is_some(), "the HTTP edge stamps received_at");
+}
+
+#[tokio::test]
+async fn invalid_kafka_input_goes_to_the_dlq_with_the_reason_and_the_service_keeps_counting() {
+    let world = Ingest::new();
+    let account = "acct-dlq";
+    let service = world.start().await;
+    let now = now_ms();
+    let mut negative = kafka_event("neg", account, "llm.completion", json!({"tokens": 1}), now);
+    negative.quantity = Some("-1".parse().unwrap());
+    world
+        .produce(&[
+            kafka_event("unknown", account, "nobody.meters.this", json!({}), now),
+            negative,
+            kafka_event("future", account, "api.call", json!({}), now + 3_600_000),
+            kafka_event("ok", account, "api.call", json!({}), now),
+        ])
+        .await;
+    world.wait_for_period_total(account, "api_calls", 1).await;
+    service.stop().await.expect("clean stop");
+
+    let kafka = world.config(Settings::default()).kafka;
+    let letters: Vec<(String, String)> = dlq::list(&kafka, NAME)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.letter.expect("dlq headers"))
+        .map(|l| (l.class, l.message))
+        .collect();
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert!(letters.iter().all(|(class, _)| class == "validation"));
+    assert!(letters[0].1.contains("unknown meter"), "{letters:?}");
+    assert!(letters[1].1.starts_with("quantity"), "{letters:?}");
+    assert!(letters[2].1.contains("future"), "{letters:?}");
+}
+
+#[tokio::test]
+async fn totals_equal_a_recomputation_from_10000_random_events() {
+    let world = Ingest::new();
+    let mut rng = rand::rng();
+    let accounts: Vec<String> = (0..150).map(|i| format!("acct-r{i:03}")).collect();
+    let models = ["small", "large"];
+    let now = now_ms();
+    let mut events = Vec::new();
+    for i in 0..10_000 {
+        let account = accounts.choose(&mut rng).unwrap();
+        // The last 50 minutes: the current and the previous hourly window, both still open.
+        let time = now - rng.random_range(0..50 * 60_000);
+        let event = match rng.random_range(0..5) {
+            0 => kafka_event(&format!("r{i}"), account, "api.call", json!({}), time),
+            1 => kafka_event(
+                &format!("r{i}"),
+                account,
+                "llm.completion",
+                json!({"tokens": rng.random_range(0..5_000), "model": models.choose(&mut rng).unwrap()}),
+                time,
+            ),
+            2 => kafka_event(&format!("r{i}"), account, "login", json!({"user": format!("u{}", rng.random_range(0..20))}), time),
+            3 => kafka_event(&format!("r{i}"), account, "seats.observed", json!({"seats": rng.random_range(1..500)}), time),
+            _ => kafka_event(&format!("r{i}"), account, "storage.snapshot", json!({"gb": format!("{}.{:03}", rng.random_range(0..900), rng.random_range(0..1000))}), time),
+        };
+        events.push(event);
+    }
+    // One in twenty is sent again (a platform retrying): it must be counted once.
+    let repeats: Vec<UsageEvent> = events.iter().filter(|_| rng.random_bool(0.05)).cloned().collect();
+    let mut inputs = events.clone();
+    inputs.extend(repeats);
+    let expected = recompute(&events);
+
+    let service = world.start().await;
+    let keyed: Vec<(String, UsageEvent)> = inputs.iter().map(|e| (e.envelope.account_id.clone(), e.clone())).collect();
+    produce_keyed(&producer(world.stack), &world.codec, &world.topic(topics::USAGE_EVENTS), &keyed).await;
+    let mut last_difference = String::new();
+    let matched = tokio::time::timeout(Duration::from_secs(180), async {
+        loop {
+            let actual: BTreeMap<AggregateId, (Decimal6, i64)> = world
+                .latest_totals()
+                .await
+                .into_iter()
+                .map(|(id, r)| (id, (r.total_quantity, r.event_count)))
+                .collect();
+            if actual == expected {
+                return;
+            }
+            let wrong = expected.iter().filter(|(id, want)| actual.get(*id) != Some(*want)).count();
+            last_difference = format!("{wrong} of {} aggregates differ, {} present", expected.len(), actual.len());
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    })
+    .await;
+    service.stop().await.expect("clean stop");
+    assert!(matched.is_ok(), "the totals never matched the recomputation: {last_difference}");
+}
+
+/// The totals of `events` (without repeats), computed directly: per account, meter, window
+/// (calendar month without a contract, clock hour) and dimension values.
+fn recompute(events: &[UsageEvent]) -> BTreeMap<AggregateId, (Decimal6, i64)> {
+    #[derive(Default)]
+    struct Fold {
+        values: Vec<(i64, rust_decimal::Decimal)>,
+        distinct: BTreeSet<String>,
+    }
+    let mut folds: BTreeMap<(AggregateId, &'static str), Fold> = BTreeMap::new();
+    for event in events {
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        let (meter, aggregation, value, model): (&str, &'static str, Option<&Value>, Option<&str>) =
+            match event.r#type.as_str() {
+                "api.call" => ("api_calls", "count", None, None),
+                "llm.completion" => ("tokens", "sum", data.get("tokens"), data.get("model").and_then(Value::as_str)),
+                "login" => ("active_users", "unique", data.get("user"), None),
+                "seats.observed" => ("peak_seats", "max", data.get("seats"), None),
+                _ => ("storage", "latest", data.get("gb"), None),
+            };
+        let windows = [
+            ("BillingPeriod", usage_ingest::windows::billing_period(None, event.time).start),
+            ("Hour", usage_ingest::windows::hour(event.time).start),
+        ];
+        let mut dimension_sets = vec![BTreeMap::new()];
+        if let Some(model) = model {
+            dimension_sets.push(BTreeMap::from([("model".to_owned(), model.to_owned())]));
+        }
+        for (kind, window_start) in windows {
+            for dimensions in &dimension_sets {
+                let id = AggregateId {
+                    account: event.envelope.account_id.clone(),
+                    meter: meter.into(),
+                    kind: kind.into(),
+                    window_start,
+                    dimensions: dimensions.clone(),
+                };
+                let fold = folds.entry((id, aggregation)).or_default();
+                let number = match value {
+                    _ if aggregation == "unique" || aggregation == "count" => rust_decimal::Decimal::ONE,
+                    Some(Value::String(text)) => text.parse().unwrap(),
+                    Some(Value::Number(n)) => n.to_string().parse().unwrap(),
+                    _ => rust_decimal::Decimal::ONE,
+                };
+                fold.values.push((event.time, number));
+                if let Some(user) = value.and_then(Value::as_str) {
+                    fold.distinct.insert(user.to_owned());
+                }
+            }
+        }
+    }
+    folds
+        .into_iter()
+        .map(|((id, aggregation), fold)| {
+            let total = match aggregation {
+                "count" => rust_decimal::Decimal::from(fold.values.len()),
+                "sum" => fold.values.iter().map(|(_, v)| *v).sum(),
+                "unique" => rust_decimal::Decimal::from(fold.distinct.len()),
+                "max" => fold.values.iter().map(|(_, v)| *v).max().unwrap(),
+                _ => fold.values.iter().max_by_key(|(time, _)| *time).unwrap().1,
+            };
+            (id, (Decimal6::new(total).unwrap(), fold.values.len() as i64))
+        })
+        .collect()
+}
