@@ -55,3 +55,4 @@ test: build lint schemas ## Every test, unit and end-to-end; starts the stack if
 bench: ## Benchmarks (codec, then the runtime against the local stack); results in BENCHMARKS.md
 	cargo bench -p tributary-contracts --bench codec
 	$(WITH_STACK) cargo bench -p tributary-tests --bench runtime
+	$(WITH_STACK) cargo bench -p tributary-tests --bench usage_ingest

@@ -202,7 +202,12 @@ impl TxnState {
 
     /// Entries of `store` on `partition` (committed, pending and staged) whose key starts with
     /// `prefix`, in key order; values that no longer deserialise are skipped.
-    pub(crate) fn scan_prefix<V: DeserializeOwned>(&self, store: &str, partition: i32, prefix: &str) -> Vec<(String, V)> {
+    pub(crate) fn scan_prefix<V: DeserializeOwned>(
+        &self,
+        store: &str,
+        partition: i32,
+        prefix: &str,
+    ) -> Vec<(String, V)> {
         let id = (store.to_owned(), partition);
         let mut merged: BTreeMap<&str, Option<&[u8]>> = BTreeMap::new();
         if let Some(entries) = self.base.get(&id) {
@@ -212,7 +217,9 @@ impl TxnState {
         }
         for layer in [&self.overlay, &self.staged] {
             if let Some(entries) = layer.get(&id) {
-                merged.extend(entries.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.as_str(), v.as_deref())));
+                merged.extend(
+                    entries.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.as_str(), v.as_deref())),
+                );
             }
         }
         merged

@@ -31,8 +31,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tributary_contracts::codec::Codec;
 use tributary_contracts::decimal::Decimal6;
-use tributary_contracts::types::{Envelope, UsageEvent};
 use tributary_contracts::topics;
+use tributary_contracts::types::{Envelope, UsageEvent};
 use tributary_runtime::config::KafkaConfig;
 use uuid::Uuid;
 
@@ -90,7 +90,10 @@ pub struct Ingress {
 
 impl std::fmt::Debug for Ingress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ingress").field("topic", &self.topic).field("api_keys", &self.api_keys.len()).finish_non_exhaustive()
+        f.debug_struct("Ingress")
+            .field("topic", &self.topic)
+            .field("api_keys", &self.api_keys.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -145,7 +148,11 @@ fn reject(field: &str, reason: impl Into<String>) -> Rejection {
 }
 
 impl CloudEvent {
-    fn into_usage_event(self, received_at: DateTime<Utc>, correlation_id: Option<&str>) -> Result<UsageEvent, Rejection> {
+    fn into_usage_event(
+        self,
+        received_at: DateTime<Utc>,
+        correlation_id: Option<&str>,
+    ) -> Result<UsageEvent, Rejection> {
         if self.specversion != "1.0" {
             return Err(reject("specversion", format!("{:?} is not 1.0", self.specversion)));
         }
@@ -221,16 +228,18 @@ fn authorised(ingress: &Ingress, headers: &HeaderMap) -> bool {
         return false;
     };
     // Compare against every key in constant time, so timing tells nothing about a key.
-    ingress
-        .api_keys
-        .iter()
-        .fold(false, |found, key| found | constant_time_eq::constant_time_eq(key.as_bytes(), presented.trim().as_bytes()))
+    ingress.api_keys.iter().fold(false, |found, key| {
+        found | constant_time_eq::constant_time_eq(key.as_bytes(), presented.trim().as_bytes())
+    })
 }
 
 async fn ingest(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: Bytes) -> Response {
     if !authorised(&ingress, &headers) {
-        let mut response =
-            answer(&ingress, StatusCode::UNAUTHORIZED, json!({"error": "a valid API key is required (Authorization: Bearer <key>)"}));
+        let mut response = answer(
+            &ingress,
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "a valid API key is required (Authorization: Bearer <key>)"}),
+        );
         response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         return response;
     }
@@ -239,17 +248,29 @@ async fn ingest(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: B
     let parsed: Result<Value, _> = serde_json::from_slice(&body);
     let events: Vec<Value> = match (media_type.as_str(), parsed) {
         (SINGLE | BATCH | "application/json", Err(error)) => {
-            return answer(&ingress, StatusCode::BAD_REQUEST, json!({"error": format!("the body is not JSON: {error}")}));
+            return answer(
+                &ingress,
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("the body is not JSON: {error}")}),
+            );
         }
         (SINGLE, Ok(event @ Value::Object(_))) => vec![event],
         (BATCH, Ok(Value::Array(events))) => events,
         ("application/json", Ok(Value::Array(events))) => events,
         ("application/json", Ok(event @ Value::Object(_))) => vec![event],
         (SINGLE, Ok(_)) => {
-            return answer(&ingress, StatusCode::BAD_REQUEST, json!({"error": format!("{SINGLE} must be one JSON object")}));
+            return answer(
+                &ingress,
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("{SINGLE} must be one JSON object")}),
+            );
         }
         (BATCH, Ok(_)) => {
-            return answer(&ingress, StatusCode::BAD_REQUEST, json!({"error": format!("{BATCH} must be a JSON array")}));
+            return answer(
+                &ingress,
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("{BATCH} must be a JSON array")}),
+            );
         }
         _ => {
             return answer(

@@ -86,8 +86,10 @@ impl Service for App {
         let compile = || Meters::compile(&settings.meters).map_err(|errors| anyhow::anyhow!(errors.join("; ")));
         let (counters, http_metrics) = Self::register_metrics(context);
         let kafka = config.kafka.clone();
-        let owned: Vec<String> =
-            [topics::USAGE_RECORDED, topics::USAGE_THRESHOLDS, topics::USAGE_LATE].iter().map(|t| kafka.topic(t)).collect();
+        let owned: Vec<String> = [topics::USAGE_RECORDED, topics::USAGE_THRESHOLDS, topics::USAGE_LATE]
+            .iter()
+            .map(|t| kafka.topic(t))
+            .collect();
         let contracts_topic = kafka.topic(topics::REFDATA_CONTRACTS);
         let mut wanted: Vec<(&str, TopicKind)> = owned.iter().map(|t| (t.as_str(), TopicKind::Events)).collect();
         wanted.push((&contracts_topic, TopicKind::Compacted));
@@ -132,9 +134,9 @@ impl Service for App {
         let Self { runtime, contracts, kafka, codec, http } = self;
         let http_task = http.map(|(listener, router)| {
             let stop = shutdown.clone();
-            tokio::spawn(async move {
-                axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await
-            })
+            tokio::spawn(
+                async move { axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await },
+            )
         });
         let mut table = tokio::spawn(contracts.clone().follow(kafka, codec, shutdown.clone()));
         // Contracts published before an event must be visible to it: no event is processed

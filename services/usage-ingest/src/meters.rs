@@ -180,8 +180,8 @@ impl Meters {
             }
         }
         check_time(event.time, now, bounds)?;
-        let data: Value = serde_json::from_str(&event.data)
-            .map_err(|e| Rejection::new("data", format!("not JSON: {e}")))?;
+        let data: Value =
+            serde_json::from_str(&event.data).map_err(|e| Rejection::new("data", format!("not JSON: {e}")))?;
         if !data.is_object() {
             return Err(Rejection::new("data", "must be a JSON object"));
         }
@@ -196,7 +196,10 @@ impl Meters {
             None => self.meters.iter().filter(|m| m.definition.event_type == event.r#type).collect(),
         };
         if meters.is_empty() {
-            return Err(Rejection::new("type", format!("unknown meter: no meter counts events of type {:?}", event.r#type)));
+            return Err(Rejection::new(
+                "type",
+                format!("unknown meter: no meter counts events of type {:?}", event.r#type),
+            ));
         }
         meters.into_iter().map(|meter| meter.measure(event, &data)).collect()
     }
@@ -290,7 +293,10 @@ fn check_time(time_ms: i64, now: DateTime<Utc>, bounds: TimeBounds) -> Result<()
     if time > now + skew {
         return Err(Rejection::new(
             "time",
-            format!("{time} is in the future (more than {} ahead of {now})", humantime::format_duration(bounds.max_skew)),
+            format!(
+                "{time} is in the future (more than {} ahead of {now})",
+                humantime::format_duration(bounds.max_skew)
+            ),
         ));
     }
     if time < now - age {
@@ -351,8 +357,7 @@ mod tests {
         event
     }
 
-    const BOUNDS: TimeBounds =
-        TimeBounds { max_age: Duration::from_secs(86_400), max_skew: Duration::from_secs(300) };
+    const BOUNDS: TimeBounds = TimeBounds { max_age: Duration::from_secs(86_400), max_skew: Duration::from_secs(300) };
 
     #[test]
     fn an_event_is_measured_by_every_meter_of_its_type_with_its_dimensions() {

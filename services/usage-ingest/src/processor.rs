@@ -105,15 +105,31 @@ struct Aggregate {
     sequence: i64,
     #[serde(default)]
     thresholds: Option<Thresholds>,
-    /// Envelope of the last event folded in: the cause of the next `usage.recorded`.
-    cause: Envelope,
+    /// The last event folded in: the cause of the next `usage.recorded`.
+    cause: Cause,
+}
+
+/// What a derived record needs of its cause (the whole envelope would double the size of
+/// an aggregate, and there is one per account, meter, window and dimension values).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Cause {
+    event_id: String,
+    correlation_id: String,
+}
+
+impl Cause {
+    fn of(envelope: &Envelope) -> Self {
+        Self { event_id: envelope.event_id.clone(), correlation_id: envelope.correlation_id.clone() }
+    }
 }
 
 impl Aggregate {
     fn fold(&mut self, reading: &Reading, time: i64) -> Result<(), ProcessError> {
         let overflow = |e| ProcessError::permanent("overflow", format!("total of meter {}: {e}", self.meter));
         match (self.aggregation, reading) {
-            (Aggregation::Count, _) => self.total = Decimal6::new(self.total.value() + Decimal::ONE).map_err(overflow)?,
+            (Aggregation::Count, _) => {
+                self.total = Decimal6::new(self.total.value() + Decimal::ONE).map_err(overflow)?
+            }
             (Aggregation::Sum, Reading::Quantity(q)) => {
                 self.total = Decimal6::new(self.total.value() + q.value()).map_err(overflow)?
             }
@@ -142,8 +158,16 @@ impl Aggregate {
     }
 
     fn recorded(&self, key: &str, now: DateTime<Utc>, is_final: bool) -> UsageRecorded {
+        let cause = Envelope {
+            event_id: self.cause.event_id.clone(),
+            correlation_id: self.cause.correlation_id.clone(),
+            account_id: self.account_id.clone(),
+            occurred_at: self.last_event_at,
+            causation_id: None,
+            source: String::new(),
+        };
         UsageRecorded {
-            envelope: Envelope::caused_by(&self.cause, SOURCE, &format!("recorded/{key}/{}", self.sequence), now),
+            envelope: Envelope::caused_by(&cause, SOURCE, &format!("recorded/{key}/{}", self.sequence), now),
             subscription_id: self.subscription_id.clone(),
             contract_id: self.contract_id.clone(),
             meter: self.meter.clone(),
@@ -185,7 +209,12 @@ fn millis(duration: std::time::Duration) -> i64 {
 
 impl UsageProcessor {
     /// A processor counting with `meters` against the contracts of `contracts`.
-    pub fn new(meters: Meters, contracts: ReferenceTable<Contract>, settings: Settings, counters: IngestCounters) -> Self {
+    pub fn new(
+        meters: Meters,
+        contracts: ReferenceTable<Contract>,
+        settings: Settings,
+        counters: IngestCounters,
+    ) -> Self {
         Self { meters, contracts, settings, counters }
     }
 
@@ -205,7 +234,8 @@ impl UsageProcessor {
 
     fn thresholds(&self, contract: Option<&Contract>, meter: &str) -> Option<Thresholds> {
         let included = contract?.included_usage.iter().find(|u| u.meter == meter)?;
-        let mut percents = included.threshold_percents.clone().unwrap_or_else(|| self.settings.default_thresholds.clone());
+        let mut percents =
+            included.threshold_percents.clone().unwrap_or_else(|| self.settings.default_thresholds.clone());
         percents.sort_unstable();
         percents.dedup();
         Some(Thresholds { included: included.included_quantity, percents, fired: BTreeSet::new() })
@@ -386,7 +416,8 @@ impl Processor for UsageProcessor {
         }
 
         let account = input.envelope.account_id.as_str();
-        let subscription = contract.as_ref().map(|c| c.subscription_id.clone()).or_else(|| input.subscription_id.clone());
+        let subscription =
+            contract.as_ref().map(|c| c.subscription_id.clone()).or_else(|| input.subscription_id.clone());
         for measurement in &measurements {
             let definition = &measurement.meter.definition;
             let mut dimension_sets = vec![BTreeMap::new()];
@@ -428,12 +459,12 @@ impl Processor for UsageProcessor {
                                 } else {
                                     None
                                 },
-                                cause: input.envelope.clone(),
+                                cause: Cause::of(&input.envelope),
                             }
                         }
                     };
                     aggregate.fold(&measurement.reading, input.time)?;
-                    aggregate.cause = input.envelope.clone();
+                    aggregate.cause = Cause::of(&input.envelope);
                     self.check_thresholds(context, &key, &mut aggregate, input);
                     context.put(AGGREGATES, &key, &aggregate)?;
                     context.put(DIRTY, &key, &1_i64)?;

@@ -44,8 +44,7 @@ pub fn billing_period(contract: Option<&Contract>, time_ms: i64) -> Window {
             anchor.checked_sub_months(Months::new((-k * months) as u32)).unwrap_or(anchor)
         }
     };
-    let elapsed_months =
-        (time.year() - anchor.year()) as i64 * 12 + time.month() as i64 - anchor.month() as i64;
+    let elapsed_months = (time.year() - anchor.year()) as i64 * 12 + time.month() as i64 - anchor.month() as i64;
     let mut k = elapsed_months.div_euclid(months);
     while start_of(k) > time {
         k -= 1;

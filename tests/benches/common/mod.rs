@@ -1,0 +1,256 @@
+//! What the benchmarks share: the identity pipeline on the stream runtime and the plain
+//! consume → produce baseline, with their throughput and latency measurements. Each bench
+//! binary uses part of it, hence `dead_code` is allowed here.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use prometheus_client::registry::Registry;
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use tokio_util::sync::CancellationToken;
+use tributary_contracts::Contract;
+use tributary_contracts::codec::{Codec, Location};
+use tributary_contracts::types::UsageEvent;
+use tributary_runtime::kafka::{TopicKind, client_config, ensure_topics};
+use tributary_runtime::stream::producer_config;
+use tributary_runtime::{Context, Output, ProcessError, Processor, StreamRuntime, StreamSettings};
+use tributary_telemetry::{Health, ServiceMetrics};
+use tributary_tests::kafka::{codec, usage_event};
+use tributary_tests::{Stack, unique_name};
+
+pub(crate) const BACKLOG: usize = 50_000;
+pub(crate) const RATE: u64 = 1_000;
+pub(crate) const LATENCY_SECONDS: u64 = 15;
+pub(crate) const OUTPUT: &str = "bench.identity-out";
+
+/// Re-emits every input unchanged to [`OUTPUT`].
+#[derive(Debug)]
+pub(crate) struct Identity;
+
+impl Processor for Identity {
+    type Input = UsageEvent;
+
+    async fn process(&mut self, context: &mut Context<'_>, input: &UsageEvent) -> Result<(), ProcessError> {
+        context.emit(Output { topic: OUTPUT, key: input.envelope.account_id.clone(), value: Box::new(input.clone()) });
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pipeline {
+    Baseline,
+    Runtime,
+}
+
+pub(crate) struct World {
+    pub(crate) stack: &'static Stack,
+    pub(crate) prefix: String,
+    pub(crate) codec: Codec,
+}
+
+impl World {
+    pub(crate) async fn new(stack: &'static Stack) -> Self {
+        let prefix = format!("{}.", unique_name("bench"));
+        let world = Self { stack, codec: codec(stack, &prefix), prefix };
+        let (input, output) = (world.input(), world.output());
+        let mut kafka = stack.kafka();
+        kafka.partitions = 3;
+        ensure_topics(&kafka, &[(&input, TopicKind::Events), (&output, TopicKind::Events)]).await.unwrap();
+        world
+    }
+    pub(crate) fn input(&self) -> String {
+        format!("{}{}", self.prefix, UsageEvent::TOPIC)
+    }
+    pub(crate) fn output(&self) -> String {
+        format!("{}{OUTPUT}", self.prefix)
+    }
+}
+
+pub(crate) fn raw_producer(stack: &Stack) -> ThreadedProducer<DefaultProducerContext> {
+    producer_config(&stack.kafka()).set("acks", "all").set("linger.ms", "5").create().unwrap()
+}
+
+pub(crate) async fn encoded_events(codec: &Codec, count: usize) -> Vec<(String, Vec<u8>)> {
+    let mut events = Vec::with_capacity(count);
+    for i in 0..count {
+        let event = usage_event(&format!("acct-{}", i % 500));
+        events.push((event.envelope.account_id.clone(), codec.encode(&event).await.unwrap()));
+    }
+    events
+}
+
+pub(crate) fn send_all(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, events: &[(String, Vec<u8>)]) {
+    for (key, payload) in events {
+        let mut record = BaseRecord::to(topic).key(key.as_str()).payload(payload.as_slice());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, returned)) => {
+                    record = returned;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// Starts `pipeline` from the input to the output topic; returns its stop token.
+pub(crate) async fn start(world: &World, pipeline: Pipeline) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let group = unique_name("bench-group");
+    let task = match pipeline {
+        Pipeline::Baseline => {
+            let consumer: StreamConsumer = client_config(&world.stack.kafka())
+                .set("group.id", &group)
+                .set("auto.offset.reset", "earliest")
+                .set("enable.auto.commit", "true")
+                .create()
+                .unwrap();
+            consumer.subscribe(&[&world.input()]).unwrap();
+            let producer = raw_producer(world.stack);
+            let (output, stop) = (world.output(), stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    let message = tokio::select! {
+                        () = stop.cancelled() => break,
+                        message = consumer.recv() => message.unwrap(),
+                    };
+                    let mut record = BaseRecord::to(&output).payload(message.payload().unwrap_or_default());
+                    if let Some(key) = message.key() {
+                        record = record.key(key);
+                    }
+                    while let Err((_, returned)) = producer.send(record) {
+                        record = returned;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                producer.flush(Duration::from_secs(30)).unwrap();
+            })
+        }
+        Pipeline::Runtime => {
+            let mut kafka = world.stack.kafka();
+            kafka.group_id = Some(group.clone());
+            kafka.transactional_id_prefix = Some(group);
+            kafka.topic_prefix = world.prefix.clone();
+            let settings = StreamSettings {
+                service: "bench-identity",
+                instance_id: "0".into(),
+                kafka,
+                runtime: tributary_runtime::config::RuntimeConfig::default(),
+            };
+            let mut registry = Registry::default();
+            let metrics = ServiceMetrics::register(&mut registry, "bench-identity");
+            if std::env::var("BENCH_ONLY").is_ok() {
+                // Profiling: print where the time went when the run stops.
+                let registry = Arc::new(registry);
+                let stopped = stop.clone();
+                tokio::spawn(async move {
+                    stopped.cancelled().await;
+                    let text = tributary_telemetry::metrics::encode(&registry);
+                    for line in text.lines().filter(|l| l.contains("_sum") || l.contains("_count")) {
+                        eprintln!("{line}");
+                    }
+                });
+            }
+            let codec = codec(world.stack, "");
+            let runtime = StreamRuntime::new(settings, Identity, codec, metrics, Health::new()).await.unwrap();
+            let stop = stop.clone();
+            tokio::spawn(async move { runtime.run(stop).await.unwrap() })
+        }
+    };
+    (stop, task)
+}
+
+/// Reads outputs `read_committed` until `count` have arrived; returns the receipt latencies
+/// (from the envelope's `occurred_at`) and the instant the last one arrived.
+pub(crate) async fn read_outputs(world: &World, count: usize) -> (Vec<Duration>, Instant) {
+    let consumer: StreamConsumer = client_config(&world.stack.kafka())
+        .set("group.id", unique_name("bench-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        // A short long-poll, so that the reader does not add its own wait to either pipeline.
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&world.output()]).unwrap();
+    let mut latencies = Vec::with_capacity(count);
+    while latencies.len() < count {
+        let message = tokio::time::timeout(Duration::from_secs(120), consumer.recv())
+            .await
+            .expect("outputs stopped arriving")
+            .unwrap();
+        let received = Utc::now().timestamp_millis();
+        let at = Location::new(UsageEvent::TOPIC, message.partition(), message.offset());
+        let event: UsageEvent = world.codec.decode(&at, message.payload().unwrap()).await.unwrap();
+        latencies.push(Duration::from_millis((received - event.envelope.occurred_at).max(0) as u64));
+    }
+    (latencies, Instant::now())
+}
+
+pub(crate) async fn throughput(stack: &'static Stack, pipeline: Pipeline) -> f64 {
+    let world = World::new(stack).await;
+    let events = encoded_events(&world.codec, BACKLOG).await;
+    let producer = raw_producer(stack);
+    send_all(&producer, &world.input(), &events);
+    let reader = read_outputs(&world, BACKLOG);
+    let started = Instant::now();
+    let (stop, task) = start(&world, pipeline).await;
+    let (_, finished) = reader.await;
+    stop.cancel();
+    task.await.unwrap();
+    BACKLOG as f64 / finished.duration_since(started).as_secs_f64()
+}
+
+pub(crate) async fn latency(stack: &'static Stack, pipeline: Pipeline) -> (Duration, Duration) {
+    let world = World::new(stack).await;
+    let (stop, task) = start(&world, pipeline).await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // joined and assigned
+    let total = (RATE * LATENCY_SECONDS) as usize;
+    let generating = Arc::new(AtomicBool::new(true));
+    let generator = {
+        let (codec, topic, generating) = (world.codec.clone(), world.input(), generating.clone());
+        tokio::spawn(async move {
+            let producer = raw_producer(stack);
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let per_tick = (RATE / 100) as usize;
+            let mut sent = 0;
+            while sent < total {
+                tick.tick().await;
+                // Encoded at send time, so that occurred_at is the moment of production.
+                let batch = encoded_events(&codec, per_tick).await;
+                for (key, payload) in &batch {
+                    let mut record = BaseRecord::to(&topic).key(key.as_str()).payload(payload.as_slice());
+                    while let Err((_, returned)) = producer.send(record) {
+                        record = returned;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                sent += per_tick;
+            }
+            producer.flush(Duration::from_secs(30)).unwrap();
+            generating.store(false, Ordering::Release);
+        })
+    };
+    let (mut latencies, _) = read_outputs(&world, total).await;
+    generator.await.unwrap();
+    stop.cancel();
+    task.await.unwrap();
+    latencies.sort_unstable();
+    let pick = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    (pick(0.50), pick(0.99))
+}
+
+/// Telemetry as in production: spans (and trace propagation) on, log lines at warn.
+pub(crate) fn telemetry() -> tributary_telemetry::logging::TelemetryGuard {
+    tributary_telemetry::logging::init(
+        "bench",
+        &tributary_telemetry::LoggingConfig { filter: "warn".into(), ..Default::default() },
+    )
+    .unwrap()
+}
