@@ -35,11 +35,12 @@ status: ## Health of each stack component
 build: ## Build every binary and test
 	cargo build --workspace --bins --tests
 
-demo: ## Run the demo scenario on the local stack (for now: start the stack, register the contracts, report health)
+demo: ## Run the demo scenario on the local stack (so far: usage over HTTP into usage-ingest, totals out)
 	$(LOCAL)/up.sh
 	cargo build --workspace --bins
 	. $(LOCAL)/env.sh && $(TRIBUTARY_CLI) --registry-url "$$TRIBUTARY_REGISTRY_URL" schemas register
 	$(LOCAL)/status.sh
+	$(LOCAL)/demo.sh
 
 lint: ## rustfmt and clippy, warnings as errors
 	cargo fmt --all -- --check

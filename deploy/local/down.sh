@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stops the local Tributary stack: every process up.sh started for this run dir.
+# Stops the local Tributary stack: every process up.sh (and demo.sh) started for this run dir.
 #
 #   down.sh           stop; data stays (Kafka topics, the Tryton database) for the next up.sh
 #   down.sh --purge   stop and delete $TRIBUTARY_RUN_DIR (data, configs, logs); downloads in
@@ -34,6 +34,7 @@ main() {
   tb_lock
   # Clients first, the broker last: the registry and Tryton do not use Kafka here, but this
   # is the order that never leaves a client talking to a stopped server.
+  tb_stop usage-ingest "$TRIBUTARY_USAGE_INGEST_MARKER" || failed=1
   tb_stop tryton "$TRIBUTARY_TRYTON_MARKER" || failed=1
   tb_stop registry "$TRIBUTARY_REGISTRY_MARKER" || failed=1
   tb_stop kafka "$TRIBUTARY_KAFKA_MARKER" || failed=1

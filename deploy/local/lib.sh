@@ -233,6 +233,8 @@ TRIBUTARY_TRYTON_CONF="$TRIBUTARY_RUN_DIR/tryton/trytond.conf"
 TRIBUTARY_KAFKA_MARKER="-Dtributary.component=kafka -Dtributary.run.dir=$TRIBUTARY_RUN_DIR "
 TRIBUTARY_REGISTRY_MARKER="-Dtributary.component=registry -Dtributary.run.dir=$TRIBUTARY_RUN_DIR "
 TRIBUTARY_TRYTON_MARKER="trytond -c $TRIBUTARY_TRYTON_CONF "
+# Services started by demo.sh run with their configuration copied into the run dir.
+TRIBUTARY_USAGE_INGEST_MARKER="--config $TRIBUTARY_RUN_DIR/usage-ingest.toml"
 
 TRIBUTARY_KAFKA_LOGS="$TRIBUTARY_LOG_DIR/kafka.out $TRIBUTARY_LOG_DIR/kafka-server.log"
 TRIBUTARY_REGISTRY_LOGS="$TRIBUTARY_LOG_DIR/registry.log"
