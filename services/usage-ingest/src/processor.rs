@@ -465,6 +465,14 @@ impl Processor for UsageProcessor {
                     };
                     aggregate.fold(&measurement.reading, input.time)?;
                     aggregate.cause = Cause::of(&input.envelope);
+                    if aggregate.thresholds.is_some() {
+                        // A contract revised mid-period (more included, other percentages)
+                        // applies from the next event on; what already fired stays fired.
+                        let fired = aggregate.thresholds.take().map(|t| t.fired).unwrap_or_default();
+                        aggregate.thresholds = self
+                            .thresholds(contract.as_deref(), &definition.key)
+                            .map(|fresh| Thresholds { fired, ..fresh });
+                    }
                     self.check_thresholds(context, &key, &mut aggregate, input);
                     context.put(AGGREGATES, &key, &aggregate)?;
                     context.put(DIRTY, &key, &1_i64)?;
