@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The demo scenario, as far as the services are built: usage-ingest.
 #
-# Starts usage-ingest (deploy/config/usage-ingest.toml) against the running stack, sends usage
-# over its HTTP endpoint the way a platform would (a batch, the same batch again, a batch with
-# an invalid event), and prints the running totals it wrote to usage.recorded. The service
-# keeps running for you to try (see README, "usage-ingest"); `make down` stops it.
+# Publishes a contract (5,000 LLM tokens included per month) for a fresh demo account with
+# `tributary publish`, starts usage-ingest (deploy/config/usage-ingest.toml) against the running
+# stack, sends usage over its HTTP endpoint the way a platform would (a batch, the same batch
+# again, a batch with an invalid event, then more usage), and prints the running totals it
+# wrote to usage.recorded and the threshold crossings (80/100/120 %) in usage.thresholds. The
+# service keeps running for you to try (see README, "usage-ingest"); `make down` stops it.
 #
 # Needs the stack up (make up) and the workspace binaries built (cargo build --workspace --bins).
 set -euo pipefail
@@ -22,9 +24,33 @@ endpoint="http://127.0.0.1:18090/v1/events"
 key="tributary-local-dev-key"
 account="acct_demo_$(date +%s)"
 
+cli() {
+  "$bin_dir/tributary" --bootstrap-servers "$TRIBUTARY_KAFKA_BOOTSTRAP" --registry-url "$TRIBUTARY_REGISTRY_URL" "$@"
+}
+
+publish_contract() {
+  local now_ms start end renewal
+  now_ms=$(date +%s%3N)
+  start=$((now_ms - 10 * 86400000))
+  end=$((now_ms + 355 * 86400000))
+  renewal=$(date -u -d "@$((end / 1000))" +%Y-%m-%d)
+  printf '
+$ tributary publish refdata.contracts   (the contract of %s: 5,000 tokens a month)
+' "$account"
+  cli publish refdata.contracts <<JSON
+{"envelope": {"account_id": "$account", "source": "demo-crm"}, "contract_id": "ctr_$account",
+ "customer_id": "$account", "subscription_id": "sub_$account", "price_plan_id": "plan_pro_2026",
+ "status": "ACTIVE", "term_start": $start, "term_end": $end, "renewal_date": "$renewal", "auto_renew": true,
+ "notice_period_days": 30, "billing_period": "MONTHLY", "currency": "EUR", "contract_value": "12000",
+ "included_usage": [{"meter": "llm_tokens", "included_quantity": "5000", "unit": "token", "threshold_percents": null}],
+ "support_tier": "PREMIUM", "grace_days": 14, "deleted": false, "version": 1}
+JSON
+}
+
 start_usage_ingest() {
   if tb_running_pid usage-ingest "$TRIBUTARY_USAGE_INGEST_MARKER" >/dev/null; then
     tb_log "usage-ingest already running"
+    sleep 1 # it follows refdata.contracts continuously: give it the new contract
     return 0
   fi
   mkdir -p "$TRIBUTARY_RUN_DIR/logs"
@@ -68,7 +94,23 @@ PY
   "$TRIBUTARY_PYTHON" -c "$script"
 }
 
+thresholds() {
+  local script
+  script=$(
+    cat <<'PY'
+import json, sys
+for line in sys.stdin:
+    v = json.loads(line)["value"]
+    print("{:>4} % of {} {} crossed: used {}, overage {}, at {}".format(
+        v["threshold_percent"], v["included_quantity"], v["unit"], v["used_quantity"],
+        v["overage_quantity"], v["crossed_at"]))
+PY
+  )
+  "$TRIBUTARY_PYTHON" -c "$script"
+}
+
 main() {
+  publish_contract
   start_usage_ingest
   local batch
   batch="[$(event "$account-1" llm.completion '{"tokens":1200,"model":"large"}'),
@@ -79,11 +121,16 @@ main() {
   post "the same four again: accepted, and counted once" "$batch"
   post "one invalid event: the whole batch is refused with the reason" \
     "[$(event "$account-5" llm.completion '{"tokens":-3}'), $(event "$account-6" nobody.meters.this '{}')]"
+  post "more usage: 2,000 + 2,500 tokens crosses 80 % of 5,000" \
+    "[$(event "$account-7" llm.completion '{"tokens":2500,"model":"large"}')]"
+  post "and 1,600 more crosses 100 % and 120 %" \
+    "[$(event "$account-8" llm.completion '{"tokens":1600,"model":"large"}')]"
   printf '\nWaiting for the running totals (usage.recorded, every 2 s)...\n'
   sleep 5
   printf '\n$ tributary tap usage.recorded --from-beginning --key %s   (summarised)\n' "$account"
-  "$bin_dir/tributary" --bootstrap-servers "$TRIBUTARY_KAFKA_BOOTSTRAP" --registry-url "$TRIBUTARY_REGISTRY_URL" \
-    tap usage.recorded --from-beginning --key "$account" | summarise
+  cli tap usage.recorded --from-beginning --key "$account" | summarise
+  printf '\n$ tributary tap usage.thresholds --from-beginning --key %s   (summarised)\n' "$account"
+  cli tap usage.thresholds --from-beginning --key "$account" | thresholds
   printf '\nusage-ingest keeps running; `make down` stops it with the stack.\n'
 }
 

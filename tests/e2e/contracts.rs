@@ -156,3 +156,55 @@ async fn tap_prints_a_topic_as_json_lines_with_exact_decimals() {
     assert_eq!(lines[0]["value"]["envelope"]["account_id"], "acct-tap");
     assert!(lines[0]["headers"].is_object());
 }
+
+#[tokio::test]
+async fn publish_writes_what_tap_printed_into_another_topic_and_refuses_a_bad_record_whole() {
+    let stack = stack();
+    let (from, to) = (format!("{}.", unique_name("tap-from")), format!("{}.", unique_name("publish-to")));
+    let mut contract: types::Contract = tributary_contracts::samples::typed(Fill::Full, 11);
+    contract.contract_id = "ctr-published".into();
+    let bytes = codec(stack, &from).encode(&contract).await.unwrap();
+    producer(stack)
+        .send(
+            FutureRecord::to(&format!("{from}{REFDATA_CONTRACTS}")).key(&contract.contract_id).payload(&bytes),
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let connection = ["--bootstrap-servers", &stack.bootstrap, "--registry-url", &stack.registry_url];
+    let tapped = Command::new(tributary_cli())
+        .args(connection)
+        .args(["tap", &format!("{from}{REFDATA_CONTRACTS}"), "--from-beginning"])
+        .output()
+        .expect("run tributary tap");
+    assert!(tapped.status.success(), "{}", String::from_utf8_lossy(&tapped.stderr));
+
+    let publish = |input: Vec<u8>| {
+        let mut child = Command::new(tributary_cli())
+            .args(connection)
+            .args(["publish", &format!("{to}{REFDATA_CONTRACTS}")])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run tributary publish");
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let mut broken = tapped.stdout.clone();
+    broken.extend_from_slice(br#"{"envelope": {"account_id": "a"}, "contract_id": "half-a-contract"}"#);
+    let refused = publish(broken);
+    assert!(!refused.status.success(), "a record that does not fit the schema fails the command");
+    let reason = String::from_utf8_lossy(&refused.stderr);
+    assert!(reason.contains("record 2") && reason.contains("customer_id"), "{reason}");
+
+    let published = publish(tapped.stdout);
+    assert!(published.status.success(), "{}", String::from_utf8_lossy(&published.stderr));
+    let read: Vec<tributary_tests::kafka::Read<types::Contract>> =
+        tributary_tests::kafka::read_to_end(stack, &codec(stack, &to), &format!("{to}{REFDATA_CONTRACTS}")).await;
+    assert_eq!(read.len(), 1, "the refused run wrote nothing, the second wrote one record");
+    assert_eq!(read[0].key.as_deref(), Some("ctr-published"), "keyed by the entity id");
+    assert_eq!(read[0].value.as_ref(), Some(&contract), "the same value, field for field");
+}

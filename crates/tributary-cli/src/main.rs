@@ -2,12 +2,14 @@
 //!
 //! - `schemas register | check | release`: schema governance ([`schemas`]).
 //! - `tap <topic>`: any topic decoded through the registry to JSON lines ([`tap`]).
+//! - `publish <topic>`: JSON values encoded through the registry into a topic ([`publish`]).
 //! - `dlq list | show | replay`: dead-letter inspection and replay ([`dlq`]).
 //!
 //! Kafka and registry settings come from the same `TRIBUTARY__KAFKA__…` and
 //! `TRIBUTARY__REGISTRY__…` variables as the services, or from the flags.
 
 mod dlq;
+mod publish;
 mod schemas;
 mod tap;
 
@@ -38,6 +40,8 @@ enum Command {
     Schemas(SchemasCommand),
     /// Print a topic as JSON lines, decoded through the registry.
     Tap(tap::TapArgs),
+    /// Write JSON values (the shape `tap` prints) to a topic, encoded through the registry.
+    Publish(publish::PublishArgs),
     /// Dead letters: list, show, replay.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
@@ -96,6 +100,7 @@ async fn main() -> ExitCode {
             Command::Schemas(SchemasCommand::Release { dir }) => schemas::release(dir),
             Command::Schemas(SchemasCommand::Register { dir }) => schemas::register(&connections(&cli)?, dir).await,
             Command::Tap(args) => tap::run(&connections(&cli)?, args).await,
+            Command::Publish(args) => publish::run(&connections(&cli)?, args).await,
             Command::Dlq(command) => dlq::run(&connections(&cli)?, command).await,
         }
     }

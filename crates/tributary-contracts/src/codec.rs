@@ -273,6 +273,25 @@ impl Codec {
         Ok(framed)
     }
 
+    /// Encodes a generic Avro `value` of `topic`'s contract (e.g. built from JSON by
+    /// [`json_to_value`](crate::json::json_to_value)), after checking it fits the schema.
+    pub async fn encode_value(&self, topic: &str, value: &apache_avro::types::Value) -> Result<Vec<u8>, EncodeError> {
+        let invalid = |reason: String| EncodeError::Invalid { topic: topic.to_owned(), reason };
+        let spec = topics::spec(topic).ok_or_else(|| invalid("not a Tributary topic".into()))?;
+        let schema = reader_schema(topic).ok_or_else(|| invalid("no schema".into()))?;
+        if !value.validate(schema) {
+            return Err(invalid("the value does not fit the schema".into()));
+        }
+        let id = self.id_for(spec.name, spec.schema).await?;
+        let mut body = Vec::new();
+        cached_writer(spec.name).write_value_ref(&mut body, value).map_err(|e| invalid(e.to_string()))?;
+        let mut framed = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
+        framed.push(MAGIC_BYTE);
+        framed.extend_from_slice(&id.to_be_bytes());
+        framed.extend_from_slice(&body);
+        Ok(framed)
+    }
+
     async fn id_for(&self, topic: &str, schema: &str) -> Result<u32, EncodeError> {
         if let Some(id) = self.ids.read().expect("id cache lock").get(topic) {
             return Ok(*id);
