@@ -97,11 +97,14 @@ impl std::fmt::Debug for Ingress {
     }
 }
 
-/// An idempotent producer (`acks=all`) for `usage.events`.
-pub fn producer(kafka: &KafkaConfig) -> anyhow::Result<FutureProducer> {
+/// An idempotent producer (`acks=all`) for `usage.events` that gives up on a record after
+/// `timeout`: a request is answered 503 then, instead of hanging for librdkafka's default of
+/// five minutes while Kafka is unreachable.
+pub fn producer(kafka: &KafkaConfig, timeout: Duration) -> anyhow::Result<FutureProducer> {
     Ok(tributary_runtime::stream::producer_config(kafka)
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        .set("message.timeout.ms", timeout.as_millis().max(1).to_string())
         .create()?)
 }
 
@@ -359,4 +362,65 @@ async fn write(ingress: &Ingress, events: &[UsageEvent]) -> anyhow::Result<()> {
         outcome.map_err(|(error, _)| anyhow::anyhow!("{error}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt as _;
+    use tributary_contracts::codec::InMemoryResolver;
+
+    const KEY: &str = "unit-test-key-0123456789";
+
+    /// An endpoint whose Kafka is unreachable (nothing listens on port 1), with a schema
+    /// resolver in memory: no stack is needed to see what a client gets when Kafka is down.
+    fn ingress_without_kafka() -> Arc<Ingress> {
+        let resolver = InMemoryResolver::new();
+        let spec = topics::spec(topics::USAGE_EVENTS).unwrap();
+        resolver.register(&topics::value_subject(spec.name), spec.schema).unwrap();
+        let kafka = KafkaConfig { bootstrap_servers: "127.0.0.1:1".into(), ..KafkaConfig::default() };
+        let meters = Meters::compile(&[crate::meters::MeterDefinition {
+            key: "api_calls".into(),
+            event_type: "api.call".into(),
+            aggregation: crate::meters::Aggregation::Count,
+            value_property: None,
+            unit: "call".into(),
+            group_by: BTreeMap::new(),
+        }])
+        .unwrap();
+        let timeout = Duration::from_millis(500);
+        Arc::new(Ingress {
+            meters: Arc::new(meters),
+            bounds: TimeBounds { max_age: Duration::from_secs(3600), max_skew: Duration::from_secs(60) },
+            api_keys: vec![KEY.into()],
+            max_batch_events: 10,
+            produce_timeout: timeout,
+            producer: producer(&kafka, timeout).unwrap(),
+            topic: topics::USAGE_EVENTS.into(),
+            codec: Codec::new(Arc::new(resolver)),
+            metrics: HttpMetrics::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn kafka_unreachable_answers_503_with_retry_after_within_the_produce_timeout() {
+        let ingress = ingress_without_kafka();
+        let body = json!([{"specversion": "1.0", "id": "e1", "source": "s", "type": "api.call", "subject": "acct"}]);
+        let request = Request::post("/v1/events")
+            .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+            .header(header::CONTENT_TYPE, BATCH)
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let response = router(ingress.clone(), 1 << 16).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "5");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "answered after the produce timeout, not librdkafka's 5 min"
+        );
+        assert_eq!(ingress.metrics.events_accepted.get(), 0, "nothing counted as accepted");
+    }
 }

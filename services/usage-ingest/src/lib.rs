@@ -114,7 +114,7 @@ impl Service for App {
                 api_keys: settings.http.load_api_keys()?,
                 max_batch_events: settings.http.max_batch_events,
                 produce_timeout: settings.http.produce_timeout,
-                producer: http::producer(&kafka)?,
+                producer: http::producer(&kafka, settings.http.produce_timeout)?,
                 topic: kafka.topic(topics::USAGE_EVENTS),
                 codec: codec.clone().with_topic_prefix(&kafka.topic_prefix),
                 metrics: http_metrics,

@@ -26,12 +26,10 @@ pub fn hour(time_ms: i64) -> Window {
 /// `term_start` and cut at `term_end`; without a contract, the calendar month (UTC).
 pub fn billing_period(contract: Option<&Contract>, time_ms: i64) -> Window {
     let time = DateTime::<Utc>::from_timestamp_millis(time_ms).unwrap_or_default();
-    let (anchor, months, term_end) = match contract {
-        Some(contract) => (
-            DateTime::<Utc>::from_timestamp_millis(contract.term_start).unwrap_or_default(),
-            period_months(contract.billing_period),
-            Some(contract.term_end),
-        ),
+    // A term start outside chrono's range cannot anchor periods: such a contract counts as none.
+    let anchored = contract.and_then(|c| Some((c, DateTime::<Utc>::from_timestamp_millis(c.term_start)?)));
+    let (anchor, months, term_end) = match anchored {
+        Some((contract, anchor)) => (anchor, period_months(contract.billing_period), Some(contract.term_end)),
         None => (Utc.with_ymd_and_hms(time.year(), time.month(), 1, 0, 0, 0).unwrap(), 1, None),
     };
     // Each period start is computed from the anchor (not from the previous start), so that a
@@ -45,13 +43,13 @@ pub fn billing_period(contract: Option<&Contract>, time_ms: i64) -> Window {
         }
     };
     let elapsed_months = (time.year() - anchor.year()) as i64 * 12 + time.month() as i64 - anchor.month() as i64;
-    let mut k = elapsed_months.div_euclid(months);
-    while start_of(k) > time {
-        k -= 1;
-    }
-    while start_of(k + 1) <= time {
-        k += 1;
-    }
+    // The estimate is off by at most one period (day of month, time of day); a contract with
+    // dates beyond chrono's range could make the steps go nowhere, hence the bounded search
+    // and the calendar month as the answer of last resort.
+    let estimate = elapsed_months.div_euclid(months);
+    let Some(k) = (estimate - 2..=estimate + 1).find(|&k| start_of(k) <= time && time < start_of(k + 1)) else {
+        return billing_period(None, time_ms);
+    };
     let start = start_of(k).timestamp_millis();
     let mut end = start_of(k + 1).timestamp_millis();
     if let Some(term_end) = term_end
@@ -110,6 +108,14 @@ mod tests {
         let annual = contract("2025-07-01T00:00:00Z", "2027-07-01T00:00:00Z", BillingPeriod::Annual);
         let year = billing_period(Some(&annual), ms("2026-06-30T23:59:59Z"));
         assert_eq!((year.start, year.end), (ms("2025-07-01T00:00:00Z"), ms("2026-07-01T00:00:00Z")));
+    }
+
+    #[test]
+    fn a_contract_with_dates_out_of_range_falls_back_to_the_calendar_month() {
+        let mut absurd = contract("2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z", BillingPeriod::Quarterly);
+        absurd.term_start = i64::MAX / 2;
+        let month = billing_period(Some(&absurd), ms("2026-02-10T08:00:00Z"));
+        assert_eq!((month.start, month.end), (ms("2026-02-01T00:00:00Z"), ms("2026-03-01T00:00:00Z")));
     }
 
     #[test]
