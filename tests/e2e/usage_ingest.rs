@@ -21,7 +21,7 @@ use tributary_runtime::ServiceConfig;
 use tributary_runtime::dlq;
 use tributary_runtime::service::{RunningService, spawn};
 use tributary_tests::kafka::{Read, codec, produce, produce_keyed, producer, read_to_end};
-use tributary_tests::{Stack, eventually, stack, unique_name};
+use tributary_tests::{Stack, eventually, stack, unique_name, workspace_binary};
 use usage_ingest::meters::{Aggregation, MeterDefinition};
 use usage_ingest::{App, NAME, Settings};
 
@@ -661,4 +661,118 @@ fn recompute(events: &[UsageEvent]) -> BTreeMap<AggregateId, (Decimal6, i64)> {
             (id, (Decimal6::new(total).unwrap(), fold.values.len() as i64))
         })
         .collect()
+}
+
+/// The usage-ingest binary on this world's topics, configured by a TOML file like an operator's.
+fn spawn_binary(world: &Ingest, config: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(workspace_binary("usage-ingest"))
+        .envs(world.stack.service_env())
+        .env("TRIBUTARY_CONFIG", config)
+        .env("TRIBUTARY__KAFKA__TOPIC_PREFIX", &world.prefix)
+        .env("TRIBUTARY__KAFKA__GROUP_ID", &world.group)
+        .env("TRIBUTARY__KAFKA__TRANSACTIONAL_ID_PREFIX", &world.group)
+        .env("TRIBUTARY__RUNTIME__INSTANCE_ID", "crashy")
+        .env("TRIBUTARY__RUNTIME__TICK_INTERVAL", "200ms")
+        .env("TRIBUTARY__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("TRIBUTARY__LOG__FILTER", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start usage-ingest")
+}
+
+#[tokio::test]
+async fn totals_and_thresholds_are_exact_when_the_process_is_killed_at_random_moments() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let world = Ingest::new();
+    let config = std::env::temp_dir().join(format!("{}.toml", unique_name("usage-ingest-crash")));
+    std::fs::write(
+        &config,
+        r#"
+[usage_ingest]
+recorded_interval = "300ms"
+[usage_ingest.http]
+enabled = false
+[[usage_ingest.meters]]
+key = "api_calls"
+event_type = "api.call"
+aggregation = "COUNT"
+unit = "call"
+"#,
+    )
+    .unwrap();
+    let accounts: Vec<String> = (0..20).map(|i| format!("acct-crash-{i:02}")).collect();
+    let contracts: Vec<Contract> = accounts.iter().map(|a| contract(a, 50, None, current_term())).collect();
+    world.publish_contracts(&contracts).await;
+    // 100 calls per account: thresholds at 40, 50 and 60 calls, fed while the process dies.
+    let inputs: Vec<(String, UsageEvent)> = (0..100)
+        .flat_map(|i| {
+            accounts
+                .iter()
+                .map(move |a| (a.clone(), kafka_event(&format!("{a}-{i}"), a, "api.call", json!({}), now_ms())))
+        })
+        .collect();
+    let feeder = {
+        let (stack, codec, topic, inputs) =
+            (world.stack, world.codec.clone(), world.topic(topics::USAGE_EVENTS), inputs.clone());
+        tokio::spawn(async move {
+            let producer = producer(stack);
+            // About 15 s of traffic, so that every crash lands while events are flowing.
+            for chunk in inputs.chunks(40) {
+                produce_keyed(&producer, &codec, &topic, chunk).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    let mut rng = rand::rng();
+    for crash in 0..4 {
+        let mut child = spawn_binary(&world, &config);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(2_000..4_500))).await;
+        kill(Pid::from_raw(child.id().expect("running") as i32), Signal::SIGKILL).expect("SIGKILL");
+        let status = child.wait().await.expect("wait");
+        assert!(!status.success(), "crash {crash}: the process was killed");
+    }
+    feeder.await.expect("feeder");
+    let mut last = spawn_binary(&world, &config);
+    for account in &accounts {
+        world.wait_for_period_total(account, "api_calls", 100).await;
+    }
+    kill(Pid::from_raw(last.id().expect("running") as i32), Signal::SIGTERM).expect("SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), last.wait()).await.expect("stops").expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let _ = std::fs::remove_file(&config);
+
+    let totals = world.latest_totals().await;
+    for account in &accounts {
+        let period = totals
+            .values()
+            .find(|r| &r.envelope.account_id == account && r.window_kind == WindowKind::BillingPeriod)
+            .expect("a period total");
+        assert_eq!((period.total_quantity, period.event_count), (Decimal6::from(100), 100), "{account}");
+    }
+    let crossings = world.read::<UsageThresholdCrossed>().await;
+    for account in &accounts {
+        let mut seen: Vec<(i32, Decimal6)> = crossings
+            .iter()
+            .filter(|c| &c.envelope.account_id == account)
+            .map(|c| (c.threshold_percent, c.used_quantity))
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![(80, Decimal6::from(40)), (100, Decimal6::from(50)), (120, Decimal6::from(60))],
+            "{account}: each threshold exactly once, at the event that crossed it"
+        );
+    }
+    let recorded = world.read::<UsageRecorded>().await;
+    let mut revisions: BTreeMap<AggregateId, Vec<i64>> = BTreeMap::new();
+    for record in &recorded {
+        revisions.entry(AggregateId::of(record)).or_default().push(record.sequence);
+    }
+    for (id, sequences) in revisions {
+        assert_eq!(sequences, (1..=sequences.len() as i64).collect::<Vec<_>>(), "{id:?}: revisions 1..n, none doubled");
+    }
 }
