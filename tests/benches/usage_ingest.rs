@@ -52,7 +52,7 @@ struct Ingest {
 impl Ingest {
     async fn new(stack: &'static Stack) -> Self {
         let prefix = format!("{}.", unique_name("bench-ui"));
-        let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let http = tributary_tests::free_local_addr();
         let world = Self { stack, codec: codec(stack, &prefix), group: unique_name("bench-ui"), prefix, http };
         let mut kafka = stack.kafka();
         kafka.partitions = 3;

@@ -17,7 +17,7 @@ async fn get(url: &str) -> Option<(u16, String)> {
 #[tokio::test]
 async fn a_service_binary_reports_ready_serves_metrics_and_exits_0_on_sigterm() {
     let stack = stack();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = tributary_tests::free_local_addr().port();
     let admin = format!("http://127.0.0.1:{port}");
     let binary = tributary_tests::workspace_binary("usage-ingest");
     let mut child = tokio::process::Command::new(&binary)

@@ -49,10 +49,6 @@ fn meter(key: &str, event_type: &str, aggregation: Aggregation, value: Option<&s
     }
 }
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
 impl Ingest {
     fn new() -> Self {
         let stack = stack();
@@ -62,7 +58,7 @@ impl Ingest {
             codec: codec(stack, &prefix),
             group: unique_name("usage-ingest"),
             prefix,
-            http: free_port(),
+            http: tributary_tests::free_local_addr(),
             client: reqwest::Client::new(),
         }
     }
