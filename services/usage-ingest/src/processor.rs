@@ -31,7 +31,7 @@ use tributary_contracts::types::{
 use tributary_runtime::table::ReferenceTable;
 use tributary_runtime::{Context, Output, ProcessError, Processor, Timer};
 
-use crate::meters::{Aggregation, Measurement, Meters, Reading, TimeBounds};
+use crate::meters::{Aggregation, Measurement, MeterDefinition, Meters, Reading, TimeBounds};
 use crate::settings::Settings;
 use crate::windows::{self, Window};
 
@@ -123,7 +123,43 @@ impl Cause {
     }
 }
 
+/// The subscription usage counts against: the contract's, else the one the event names.
+fn subscription_of(contract: Option<&Contract>, event: &UsageEvent) -> Option<String> {
+    contract.map(|c| c.subscription_id.clone()).or_else(|| event.subscription_id.clone())
+}
+
 impl Aggregate {
+    /// An empty aggregate for `event`'s account in `window`.
+    fn open(
+        event: &UsageEvent,
+        meter: &MeterDefinition,
+        window: &Window,
+        dimensions: &BTreeMap<String, String>,
+        contract: Option<&Contract>,
+        thresholds: Option<Thresholds>,
+    ) -> Self {
+        Self {
+            account_id: event.envelope.account_id.clone(),
+            subscription_id: subscription_of(contract, event),
+            contract_id: contract.map(|c| c.contract_id.clone()),
+            meter: meter.key.clone(),
+            unit: meter.unit.clone(),
+            aggregation: meter.aggregation,
+            window_kind: window.kind,
+            window_start: window.start,
+            window_end: window.end,
+            dimensions: dimensions.clone(),
+            total: Decimal6::default(),
+            event_count: 0,
+            last_event_at: event.time,
+            distinct: BTreeSet::new(),
+            latest_at: None,
+            sequence: 0,
+            thresholds,
+            cause: Cause::of(&event.envelope),
+        }
+    }
+
     fn fold(&mut self, reading: &Reading, time: i64) -> Result<(), ProcessError> {
         let overflow = |e| ProcessError::permanent("overflow", format!("total of meter {}: {e}", self.meter));
         match (self.aggregation, reading) {
@@ -336,6 +372,16 @@ impl UsageProcessor {
         }
     }
 
+    /// Makes sure the timer closing the windows that close at `close_at` is set.
+    fn schedule_close(context: &mut Context<'_>, close_at: i64) -> Result<(), ProcessError> {
+        let timer = format!("{CLOSE_TIMER_PREFIX}{close_at:013}");
+        if context.scheduled(&timer)?.is_none() {
+            let due = DateTime::from_timestamp_millis(close_at).unwrap_or_else(|| context.now());
+            context.schedule(&timer, due, serde_json::Value::Null)?;
+        }
+        Ok(())
+    }
+
     /// Writes the running total of every dirty aggregate of this partition.
     fn flush(context: &mut Context<'_>) -> Result<(), ProcessError> {
         let now = context.now();
@@ -416,8 +462,7 @@ impl Processor for UsageProcessor {
         }
 
         let account = input.envelope.account_id.as_str();
-        let subscription =
-            contract.as_ref().map(|c| c.subscription_id.clone()).or_else(|| input.subscription_id.clone());
+        let subscription = subscription_of(contract.as_deref(), input);
         for measurement in &measurements {
             let definition = &measurement.meter.definition;
             let mut dimension_sets = vec![BTreeMap::new()];
@@ -431,36 +476,14 @@ impl Processor for UsageProcessor {
                     let mut aggregate = match context.get::<Aggregate>(AGGREGATES, &key)? {
                         Some(aggregate) => aggregate,
                         None => {
-                            let timer = format!("{CLOSE_TIMER_PREFIX}{close_at:013}");
-                            if context.scheduled(&timer)?.is_none() {
-                                let due = DateTime::from_timestamp_millis(*close_at).unwrap_or(now);
-                                context.schedule(&timer, due, serde_json::Value::Null)?;
-                            }
+                            Self::schedule_close(context, *close_at)?;
                             let is_period_total = window.kind == WindowKind::BillingPeriod && dimensions.is_empty();
-                            Aggregate {
-                                account_id: account.to_owned(),
-                                subscription_id: subscription.clone(),
-                                contract_id: contract.as_ref().map(|c| c.contract_id.clone()),
-                                meter: definition.key.clone(),
-                                unit: definition.unit.clone(),
-                                aggregation: definition.aggregation,
-                                window_kind: window.kind,
-                                window_start: window.start,
-                                window_end: window.end,
-                                dimensions: dimensions.clone(),
-                                total: Decimal6::default(),
-                                event_count: 0,
-                                last_event_at: input.time,
-                                distinct: BTreeSet::new(),
-                                latest_at: None,
-                                sequence: 0,
-                                thresholds: if is_period_total {
-                                    self.thresholds(contract.as_deref(), &definition.key)
-                                } else {
-                                    None
-                                },
-                                cause: Cause::of(&input.envelope),
-                            }
+                            let thresholds = if is_period_total {
+                                self.thresholds(contract.as_deref(), &definition.key)
+                            } else {
+                                None
+                            };
+                            Aggregate::open(input, definition, window, dimensions, contract.as_deref(), thresholds)
                         }
                     };
                     aggregate.fold(&measurement.reading, input.time)?;
