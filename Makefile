@@ -53,7 +53,7 @@ schemas: build ## Offline schema gates: conventions, and FULL_TRANSITIVE against
 test: build lint schemas ## Every test, unit and end-to-end; starts the stack if needed and stops what it started
 	$(WITH_STACK) cargo test --workspace --no-fail-fast
 
-bench: ## Benchmarks (codec, then the runtime against the local stack); results in BENCHMARKS.md
+bench: ## Benchmarks (codec, then the runtime and usage-ingest against the local stack); results in BENCHMARKS.md
 	cargo bench -p tributary-contracts --bench codec
 	$(WITH_STACK) cargo bench -p tributary-tests --bench runtime
 	$(WITH_STACK) cargo bench -p tributary-tests --bench usage_ingest

@@ -1,5 +1,6 @@
 //! The contracts on the real registry: governance (FULL_TRANSITIVE, refusal of a breaking
-//! change), the wire format as Confluent's own Python client reads it, and `tributary tap`.
+//! change), the wire format as Confluent's own Python client reads it, `tributary tap`, and
+//! `tributary publish`.
 
 use std::path::PathBuf;
 use std::process::Command;
