@@ -39,6 +39,7 @@ async fn a_service_binary_reports_ready_serves_metrics_and_exits_0_on_sigterm() 
     let (status, metrics) = get(&format!("{admin}/metrics")).await.expect("metrics");
     assert_eq!(status, 200);
     assert!(metrics.contains(r#"tributary_service_info{service="usage-ingest""#), "{metrics}");
+    assert!(metrics.contains("tributary_usage_ingest_contracts "), "the service's own metrics too: {metrics}");
 
     let pid = Pid::from_raw(child.id().expect("running") as i32);
     kill(pid, Signal::SIGTERM).expect("send SIGTERM");

@@ -84,6 +84,8 @@ struct Shared<T> {
     rows: RwLock<Rows<T>>,
     index: Indexer<T>,
     caught_up: tokio::sync::watch::Sender<bool>,
+    /// Live rows, for the service's metrics (an operator checks that master data is loaded).
+    rows_gauge: std::sync::OnceLock<prometheus_client::metrics::gauge::Gauge>,
 }
 
 /// The newest version of every entity of one refdata topic, with a secondary index.
@@ -110,7 +112,14 @@ impl<T: Reference> ReferenceTable<T> {
     pub fn new(index: impl Fn(&T) -> Vec<String> + Send + Sync + 'static) -> Self {
         let rows = Rows { by_key: HashMap::new(), versions: HashMap::new(), by_index: HashMap::new() };
         let (caught_up, _) = tokio::sync::watch::channel(false);
-        Self { shared: Arc::new(Shared { rows: RwLock::new(rows), index: Box::new(index), caught_up }) }
+        let rows = RwLock::new(rows);
+        Self { shared: Arc::new(Shared { rows, index: Box::new(index), caught_up, rows_gauge: Default::default() }) }
+    }
+
+    /// Keeps `gauge` at the number of live rows (set once; later calls are ignored).
+    pub fn observe_rows(&self, gauge: prometheus_client::metrics::gauge::Gauge) {
+        gauge.set(self.len() as i64);
+        let _ = self.shared.rows_gauge.set(gauge);
     }
 
     /// The entity `key`.
@@ -169,6 +178,9 @@ impl<T: Reference> ReferenceTable<T> {
                     rows.by_key.insert(key.to_owned(), Arc::new(value));
                 }
             }
+        }
+        if let Some(gauge) = self.shared.rows_gauge.get() {
+            gauge.set(rows.by_key.len() as i64);
         }
         true
     }
@@ -292,8 +304,12 @@ mod tests {
         table.apply("c1", Some(contract("c1", "sub-a", 2, true)));
         assert!(table.get("c1").is_none() && table.find("sub-a").is_empty());
         assert!(!table.apply("c1", Some(contract("c1", "sub-a", 1, false))), "no resurrection by an old version");
+        let gauge = prometheus_client::metrics::gauge::Gauge::default();
+        table.observe_rows(gauge.clone());
         table.apply("c2", Some(contract("c2", "sub-b", 1, false)));
+        assert_eq!(gauge.get(), 1, "the gauge follows the live rows");
         table.apply("c2", None);
         assert!(table.is_empty());
+        assert_eq!(gauge.get(), 0);
     }
 }

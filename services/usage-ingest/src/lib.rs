@@ -19,6 +19,7 @@ pub mod windows;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 use tributary_contracts::codec::Codec;
 use tributary_contracts::topics;
@@ -46,10 +47,12 @@ pub struct App {
 }
 
 impl App {
-    fn register_metrics(context: &mut BuildContext) -> (IngestCounters, http::HttpMetrics) {
+    fn register_metrics(context: &mut BuildContext) -> (IngestCounters, http::HttpMetrics, Gauge) {
         let counters = IngestCounters::default();
         let http_metrics = http::HttpMetrics::default();
+        let contract_rows = Gauge::default();
         let registry = context.registry.sub_registry_with_prefix("tributary_usage_ingest");
+        registry.register("contracts", "Contracts held from refdata.contracts", contract_rows.clone());
         registry.register("late_events", "Events sent to usage.late", counters.late_events.clone());
         registry.register(
             "hourly_windows_missed",
@@ -65,7 +68,7 @@ impl App {
         registry.register("http_requests", "POST /v1/events requests by status", http_metrics.requests.clone());
         registry.register("http_events_accepted", "Events accepted over HTTP", http_metrics.events_accepted.clone());
         registry.register("http_events_rejected", "Events refused over HTTP", http_metrics.events_rejected.clone());
-        (counters, http_metrics)
+        (counters, http_metrics, contract_rows)
     }
 }
 
@@ -84,7 +87,7 @@ impl Service for App {
             humantime::format_duration(config.runtime.idempotency_window),
         );
         let compile = || Meters::compile(&settings.meters).map_err(|errors| anyhow::anyhow!(errors.join("; ")));
-        let (counters, http_metrics) = Self::register_metrics(context);
+        let (counters, http_metrics, contract_rows) = Self::register_metrics(context);
         let kafka = config.kafka.clone();
         let owned: Vec<String> = [topics::USAGE_RECORDED, topics::USAGE_THRESHOLDS, topics::USAGE_LATE]
             .iter()
@@ -97,6 +100,7 @@ impl Service for App {
 
         let codec = registry_codec(&config.registry)?;
         let contracts = ReferenceTable::new(contract_index);
+        contracts.observe_rows(contract_rows);
         let processor = UsageProcessor::new(compile()?, contracts.clone(), settings.clone(), counters);
         let runtime = StreamRuntime::new(
             stream_settings(NAME, &config),
