@@ -372,6 +372,31 @@ async fn each_threshold_fires_once_also_across_restarts() {
 }
 
 #[tokio::test]
+async fn a_contract_published_while_the_service_runs_applies_to_the_events_after_it() {
+    let world = Ingest::new();
+    let account = "acct-live-contract";
+    let service = world.start().await;
+    world.publish_contracts(&[contract(account, 2, None, current_term())]).await;
+    let metrics = format!("http://{}/metrics", service.admin_addr);
+    eventually(Duration::from_secs(30), "the contract to be loaded", || async {
+        let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
+        text.lines().any(|l| l == "tributary_usage_ingest_contracts 1").then_some(())
+    })
+    .await;
+    let calls: Vec<UsageEvent> =
+        (0..3).map(|i| kafka_event(&format!("live-{i}"), account, "api.call", json!({}), now_ms())).collect();
+    world.produce(&calls).await;
+    let total = world.wait_for_period_total(account, "api_calls", 3).await;
+    service.stop().await.expect("clean stop");
+
+    assert_eq!(total.contract_id.as_deref(), Some("ctr-acct-live-contract"), "counted against the new contract");
+    let mut percents: Vec<i32> =
+        world.read::<UsageThresholdCrossed>().await.iter().map(|c| c.threshold_percent).collect();
+    percents.sort_unstable();
+    assert_eq!(percents, vec![80, 100, 120], "2 included: the 2nd call crosses 80 and 100, the 3rd 120");
+}
+
+#[tokio::test]
 async fn late_events_go_to_usage_late_and_an_hour_closed_inside_an_open_period_only_loses_its_hour() {
     let world = Ingest::new();
     let (ended, open) = ("acct-ended-term", "acct-open-term");
