@@ -51,15 +51,8 @@ pub fn producer(stack: &Stack) -> FutureProducer {
 
 /// Writes `values` to `topic`, keyed by their account ids, in order.
 pub async fn produce<T: Contract>(producer: &FutureProducer, codec: &Codec, topic: &str, values: &[T]) {
-    for value in values {
-        let payload = codec.encode(value).await.expect("encode");
-        let key = value.envelope().account_id.clone();
-        producer
-            .send(FutureRecord::to(topic).key(&key).payload(&payload), TIMEOUT)
-            .await
-            .map_err(|(error, _)| error)
-            .expect("produce");
-    }
+    let keyed: Vec<(String, T)> = values.iter().map(|v| (v.envelope().account_id.clone(), v.clone())).collect();
+    produce_keyed(producer, codec, topic, &keyed).await;
 }
 
 /// Writes `values` to `topic` under the given keys, all in flight at once (the idempotent

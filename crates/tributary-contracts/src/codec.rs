@@ -266,11 +266,7 @@ impl Codec {
         let body = cached_writer(spec.name)
             .write_ser_to_vec(value)
             .map_err(|e| EncodeError::Invalid { topic: spec.name.to_owned(), reason: e.to_string() })?;
-        let mut framed = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
-        framed.push(MAGIC_BYTE);
-        framed.extend_from_slice(&id.to_be_bytes());
-        framed.extend_from_slice(&body);
-        Ok(framed)
+        Ok(frame(id, &body))
     }
 
     /// Encodes a generic Avro `value` of `topic`'s contract (e.g. built from JSON by
@@ -285,11 +281,7 @@ impl Codec {
         let id = self.id_for(spec.name, spec.schema).await?;
         let mut body = Vec::new();
         cached_writer(spec.name).write_value_ref(&mut body, value).map_err(|e| invalid(e.to_string()))?;
-        let mut framed = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
-        framed.push(MAGIC_BYTE);
-        framed.extend_from_slice(&id.to_be_bytes());
-        framed.extend_from_slice(&body);
-        Ok(framed)
+        Ok(frame(id, &body))
     }
 
     async fn id_for(&self, topic: &str, schema: &str) -> Result<u32, EncodeError> {
@@ -365,6 +357,15 @@ impl Codec {
         check_consumed(at, id, body, &cursor)?;
         Ok((id, value, writer))
     }
+}
+
+/// `body` in the Confluent framing: magic byte, schema id, Avro body.
+fn frame(id: u32, body: &[u8]) -> Vec<u8> {
+    let mut framed = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
+    framed.push(MAGIC_BYTE);
+    framed.extend_from_slice(&id.to_be_bytes());
+    framed.extend_from_slice(body);
+    framed
 }
 
 /// Refuses bytes left over after the value: a frame holds exactly one datum.

@@ -1,12 +1,14 @@
 //! Kafka client plumbing shared by the runtime and the CLI.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use rdkafka::Offset;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
 
 use crate::config::KafkaConfig;
 
@@ -101,6 +103,45 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, TopicKind)]) ->
     Ok(())
 }
 
+/// How long metadata and watermark requests may take.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The partition ids of `topic` (none if it does not exist).
+pub(crate) fn partitions_of<C: ConsumerContext>(consumer: &impl Consumer<C>, topic: &str) -> KafkaResult<Vec<i32>> {
+    let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+    Ok(metadata.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default())
+}
+
+/// The high watermark of each of `partitions` of `topic` that holds records: the end a reader
+/// has reached once its position is there.
+pub(crate) fn ends_of<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    partitions: &[i32],
+) -> KafkaResult<BTreeMap<i32, i64>> {
+    let mut ends = BTreeMap::new();
+    for &partition in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
+        if high > low {
+            ends.insert(partition, high);
+        }
+    }
+    Ok(ends)
+}
+
+/// Whether `consumer`'s position is at or past `ends` on every partition. Positions pass
+/// transaction markers, so an aborted tail does not stall a `read_committed` reader.
+pub(crate) fn reached<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    ends: &BTreeMap<i32, i64>,
+) -> KafkaResult<bool> {
+    let positions = consumer.position()?;
+    Ok(ends.iter().all(|(&p, &end)| {
+        matches!(positions.find_partition(topic, p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= end)
+    }))
+}
+
 /// Reads `topic` (or only `partitions` of it) from the beginning to its end as of the call,
 /// `read_committed`, handing each record to `on_record`. The end is the high watermark seen at
 /// the start; the position passes transaction markers, so aborted tails do not stall it.
@@ -110,9 +151,8 @@ pub async fn read_to_end(
     partitions: Option<&[i32]>,
     mut on_record: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
 ) -> Result<u64, rdkafka::error::KafkaError> {
+    use rdkafka::TopicPartitionList;
     use rdkafka::consumer::StreamConsumer;
-    use rdkafka::{Offset, TopicPartitionList};
-    const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
     const IDLE: Duration = Duration::from_millis(200);
 
     let consumer: StreamConsumer = client_config(kafka)
@@ -120,33 +160,22 @@ pub async fn read_to_end(
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .create()?;
-    let wanted: Vec<i32> = match partitions {
+    let wanted = match partitions {
         Some(partitions) => partitions.to_vec(),
-        None => {
-            let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
-            metadata.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default()
-        }
+        None => partitions_of(&consumer, topic)?,
     };
-    let mut assignment = TopicPartitionList::new();
-    let mut ends = std::collections::BTreeMap::new();
-    for partition in wanted {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
-        if high > low {
-            assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
-            ends.insert(partition, high);
-        }
-    }
+    let ends = ends_of(&consumer, topic, &wanted)?;
     if ends.is_empty() {
         return Ok(0);
+    }
+    let mut assignment = TopicPartitionList::new();
+    for &partition in ends.keys() {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
     }
     consumer.assign(&assignment)?;
     let mut read = 0;
     loop {
-        let positions = consumer.position()?;
-        let done = ends.iter().all(|(&p, &end)| {
-            matches!(positions.find_partition(topic, p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= end)
-        });
-        if done {
+        if reached(&consumer, topic, &ends)? {
             return Ok(read);
         }
         if let Ok(message) = tokio::time::timeout(IDLE, consumer.recv()).await {

@@ -212,7 +212,7 @@ impl Context<'_> {
     /// `prefix`, in key order. Costs a pass over the store's keys: meant for timers that sweep
     /// (flushes, window closes), not for every record.
     pub fn scan_prefix<V: DeserializeOwned>(&self, store: &str, prefix: &str) -> Vec<(String, V)> {
-        self.state.scan_prefix(store, self.partition, prefix)
+        self.state.scan(store, self.partition, prefix, |_, _| true)
     }
 
     /// Deletes `key` from `store` on this partition.

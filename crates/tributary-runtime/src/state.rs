@@ -176,22 +176,16 @@ impl TxnState {
         self.staged.retain(|(_, p), _| *p != partition);
     }
 
-    /// Keys of `store` on `partition` whose committed-or-pending value satisfies `pick`.
+    /// Entries of `store` on `partition` whose key starts with `prefix` and whose value
+    /// satisfies `pick`, in key order. Only values under `prefix` are deserialised.
     pub(crate) fn scan<V: DeserializeOwned>(
         &self,
         store: &str,
         partition: i32,
+        prefix: &str,
         mut pick: impl FnMut(&str, &V) -> bool,
     ) -> Vec<(String, V)> {
-        let id = (store.to_owned(), partition);
-        let mut merged: BTreeMap<&str, Option<&[u8]>> = BTreeMap::new();
-        if let Some(entries) = self.base.get(&id) {
-            merged.extend(entries.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))));
-        }
-        if let Some(entries) = self.overlay.get(&id) {
-            merged.extend(entries.iter().map(|(k, v)| (k.as_str(), v.as_deref())));
-        }
-        merged
+        self.merged(store, partition, prefix)
             .into_iter()
             .filter_map(|(key, value)| {
                 let value: V = serde_json::from_slice(value?).ok()?;
@@ -200,14 +194,9 @@ impl TxnState {
             .collect()
     }
 
-    /// Entries of `store` on `partition` (committed, pending and staged) whose key starts with
-    /// `prefix`, in key order; values that no longer deserialise are skipped.
-    pub(crate) fn scan_prefix<V: DeserializeOwned>(
-        &self,
-        store: &str,
-        partition: i32,
-        prefix: &str,
-    ) -> Vec<(String, V)> {
+    /// The newest value (`None`: deleted) of every key of `store` on `partition` that starts
+    /// with `prefix`: base, then the open transaction, then the record being processed.
+    fn merged(&self, store: &str, partition: i32, prefix: &str) -> BTreeMap<&str, Option<&[u8]>> {
         let id = (store.to_owned(), partition);
         let mut merged: BTreeMap<&str, Option<&[u8]>> = BTreeMap::new();
         if let Some(entries) = self.base.get(&id) {
@@ -223,9 +212,6 @@ impl TxnState {
             }
         }
         merged
-            .into_iter()
-            .filter_map(|(key, value)| Some((key.to_owned(), serde_json::from_slice(value?).ok()?)))
-            .collect()
     }
 
     /// Number of committed keys of `store` on `partition`.

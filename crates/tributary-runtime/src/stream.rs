@@ -629,7 +629,7 @@ impl<P: Processor> StreamRuntime<P> {
         let now = Utc::now();
         let now_ms = now.timestamp_millis();
         for partition in self.owned.clone() {
-            let due = self.state.scan::<StoredTimer>(TIMER_STORE, partition, |_, timer| timer.due_at_ms <= now_ms);
+            let due = self.state.scan::<StoredTimer>(TIMER_STORE, partition, "", |_, timer| timer.due_at_ms <= now_ms);
             for (key, stored) in due {
                 self.begin_if_needed()?;
                 let timer = Timer {
@@ -680,7 +680,7 @@ impl<P: Processor> StreamRuntime<P> {
             chrono::Duration::from_std(self.settings.runtime.idempotency_window).unwrap_or(chrono::Duration::MAX);
         let horizon = (Utc::now() - window).timestamp_millis();
         for partition in self.owned.clone() {
-            let expired = self.state.scan::<i64>(IDEMPOTENCY_STORE, partition, |_, seen| *seen < horizon);
+            let expired = self.state.scan::<i64>(IDEMPOTENCY_STORE, partition, "", |_, seen| *seen < horizon);
             if expired.is_empty() {
                 continue;
             }

@@ -10,7 +10,7 @@
 //! The reader commits no offsets (it has no group to speak of): a restarted instance simply
 //! reads the compacted topic again, which is what makes the table correct after a restart.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use tributary_contracts::codec::{Codec, Location};
 use tributary_contracts::{Contract, types};
 
 use crate::config::KafkaConfig;
-use crate::kafka::client_config;
+use crate::kafka::{client_config, ends_of, partitions_of, reached};
 
 /// A refdata record: keyed, versioned, and marked when deleted at its source.
 pub trait Reference: Contract + 'static {
@@ -34,41 +34,25 @@ pub trait Reference: Contract + 'static {
     fn is_deleted(&self) -> bool;
 }
 
-impl Reference for types::Contract {
-    fn key(&self) -> &str {
-        &self.contract_id
-    }
-    fn version(&self) -> i64 {
-        self.version
-    }
-    fn is_deleted(&self) -> bool {
-        self.deleted
-    }
+/// `Reference` for a refdata type whose entity id is `$id`; every refdata record carries
+/// `version` and `deleted`.
+macro_rules! reference {
+    ($($ty:ident => $id:ident),* $(,)?) => {$(
+        impl Reference for types::$ty {
+            fn key(&self) -> &str {
+                &self.$id
+            }
+            fn version(&self) -> i64 {
+                self.version
+            }
+            fn is_deleted(&self) -> bool {
+                self.deleted
+            }
+        }
+    )*};
 }
 
-impl Reference for types::Customer {
-    fn key(&self) -> &str {
-        &self.customer_id
-    }
-    fn version(&self) -> i64 {
-        self.version
-    }
-    fn is_deleted(&self) -> bool {
-        self.deleted
-    }
-}
-
-impl Reference for types::PricePlan {
-    fn key(&self) -> &str {
-        &self.price_plan_id
-    }
-    fn version(&self) -> i64 {
-        self.version
-    }
-    fn is_deleted(&self) -> bool {
-        self.deleted
-    }
-}
+reference!(Contract => contract_id, Customer => customer_id, PricePlan => price_plan_id);
 
 type Indexer<T> = Box<dyn Fn(&T) -> Vec<String> + Send + Sync>;
 
@@ -196,7 +180,6 @@ impl<T: Reference> ReferenceTable<T> {
     /// A record that cannot be decoded is logged with its location and skipped: refdata has
     /// a single writer per topic, and the table must keep serving the rows it has.
     pub async fn follow(self, kafka: KafkaConfig, codec: Codec, shutdown: CancellationToken) -> anyhow::Result<()> {
-        const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
         let topic = kafka.topic(T::TOPIC);
         let consumer: StreamConsumer = client_config(&kafka)
             .set("group.id", format!("tributary-table-{}", uuid::Uuid::new_v4().simple()))
@@ -204,18 +187,12 @@ impl<T: Reference> ReferenceTable<T> {
             .set("isolation.level", "read_committed")
             .create()
             .context("creating the reference table consumer")?;
-        let metadata = consumer.fetch_metadata(Some(&topic), METADATA_TIMEOUT)?;
-        let partitions: Vec<i32> =
-            metadata.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
+        let partitions = partitions_of(&consumer, &topic)?;
         anyhow::ensure!(!partitions.is_empty(), "reference topic {topic} has no partitions (does it exist?)");
+        let ends = ends_of(&consumer, &topic, &partitions)?;
         let mut assignment = TopicPartitionList::new();
-        let mut ends = BTreeMap::new();
         for &partition in &partitions {
-            let (low, high) = consumer.fetch_watermarks(&topic, partition, METADATA_TIMEOUT)?;
             assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
-            if high > low {
-                ends.insert(partition, high);
-            }
         }
         consumer.assign(&assignment)?;
         let mut caught_up = ends.is_empty();
@@ -225,11 +202,7 @@ impl<T: Reference> ReferenceTable<T> {
         tracing::info!(topic, partitions = partitions.len(), "following reference topic");
         loop {
             if !caught_up {
-                let positions = consumer.position()?;
-                caught_up = ends.iter().all(|(&p, &end)| {
-                    matches!(positions.find_partition(&topic, p).map(|e| e.offset()),
-                        Some(Offset::Offset(o)) if o >= end)
-                });
+                caught_up = reached(&consumer, &topic, &ends)?;
                 if caught_up {
                     tracing::info!(topic, rows = self.len(), "reference table caught up");
                     self.shared.caught_up.send_replace(true);

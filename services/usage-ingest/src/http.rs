@@ -30,13 +30,12 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tributary_contracts::codec::Codec;
-use tributary_contracts::decimal::Decimal6;
 use tributary_contracts::topics;
 use tributary_contracts::types::{Envelope, UsageEvent};
 use tributary_runtime::config::KafkaConfig;
 use uuid::Uuid;
 
-use crate::meters::{Meters, Rejection, TimeBounds};
+use crate::meters::{Meters, Rejection, TimeBounds, quantity_from_json};
 
 /// Namespace of the envelope ids of events that arrive over HTTP: the id is a function of
 /// `source` and `id`, so a resent event has the same envelope too.
@@ -176,19 +175,10 @@ impl CloudEvent {
             Some(data @ Value::Object(_)) => data.to_string(),
             Some(_) => return Err(reject("data", "must be a JSON object")),
         };
-        let quantity = match self.quantity {
+        let quantity = match &self.quantity {
             None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => Some(n.to_string()),
-            Some(Value::String(s)) => Some(s),
-            Some(other) => return Err(reject("quantity", format!("{other} is not a number"))),
-        }
-        .map(|text| {
-            rust_decimal::Decimal::from_scientific(&text)
-                .or_else(|_| text.parse())
-                .map_err(|_| reject("quantity", format!("{text:?} is not a number")))
-                .and_then(|d| Decimal6::new(d).map_err(|e| reject("quantity", e.to_string())))
-        })
-        .transpose()?;
+            Some(value) => Some(quantity_from_json("quantity", value)?),
+        };
         let event_id = Uuid::new_v5(&HTTP_EVENT_NAMESPACE, format!("{}\u{1f}{}", self.source, self.id).as_bytes());
         let event_id = event_id.to_string();
         let envelope = Envelope {
@@ -303,7 +293,7 @@ async fn ingest(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: B
         let checked = serde_json::from_value::<CloudEvent>(raw)
             .map_err(|e| reject("event", format!("not a CloudEvent: {e}")))
             .and_then(|event| event.into_usage_event(now, correlation_id))
-            .and_then(|event| ingress.meters.measure(&event, now, ingress.bounds).map(|_| ()).map(|()| event));
+            .and_then(|event| ingress.meters.measure(&event, now, ingress.bounds).map(|_| event));
         match checked {
             Ok(event) => accepted.push(event),
             Err(rejection) => {

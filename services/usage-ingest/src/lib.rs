@@ -86,7 +86,8 @@ impl Service for App {
             humantime::format_duration(settings.max_event_age),
             humantime::format_duration(config.runtime.idempotency_window),
         );
-        let compile = || Meters::compile(&settings.meters).map_err(|errors| anyhow::anyhow!(errors.join("; ")));
+        // The HTTP endpoint refuses what the processor would dead-letter: both use these.
+        let meters = Arc::new(Meters::compile(&settings.meters).map_err(|errors| anyhow::anyhow!(errors.join("; ")))?);
         let (counters, http_metrics, contract_rows) = Self::register_metrics(context);
         let kafka = config.kafka.clone();
         let owned: Vec<String> = [topics::USAGE_RECORDED, topics::USAGE_THRESHOLDS, topics::USAGE_LATE]
@@ -101,7 +102,7 @@ impl Service for App {
         let codec = registry_codec(&config.registry)?;
         let contracts = ReferenceTable::new(contract_index);
         contracts.observe_rows(contract_rows);
-        let processor = UsageProcessor::new(compile()?, contracts.clone(), settings.clone(), counters);
+        let processor = UsageProcessor::new(meters.clone(), contracts.clone(), settings.clone(), counters);
         let runtime = StreamRuntime::new(
             stream_settings(NAME, &config),
             processor,
@@ -113,7 +114,7 @@ impl Service for App {
 
         let http = if settings.http.enabled {
             let ingress = http::Ingress {
-                meters: Arc::new(compile()?),
+                meters,
                 bounds: TimeBounds { max_age: settings.max_event_age, max_skew: settings.max_clock_skew },
                 api_keys: settings.http.load_api_keys()?,
                 max_batch_events: settings.http.max_batch_events,
@@ -145,20 +146,20 @@ impl Service for App {
         let mut table = tokio::spawn(contracts.clone().follow(kafka, codec, shutdown.clone()));
         // Contracts published before an event must be visible to it: no event is processed
         // before the table has read what refdata.contracts held at start-up.
-        let outcome = tokio::select! {
-            () = shutdown.cancelled() => Ok(()),
-            () = contracts.caught_up() => runtime.run(shutdown.clone()).await,
-            finished = &mut table => Err(match finished {
+        let (outcome, table_joined) = tokio::select! {
+            () = shutdown.cancelled() => (Ok(()), false),
+            () = contracts.caught_up() => (runtime.run(shutdown.clone()).await, false),
+            finished = &mut table => (Err(match finished {
                 Ok(Ok(())) => anyhow::anyhow!("the contracts table stopped before it caught up"),
                 Ok(Err(error)) => error.context("following refdata.contracts"),
                 Err(panicked) => anyhow::Error::from(panicked).context("reference table task panicked"),
-            }),
+            }), true),
         };
         shutdown.cancel();
         if let Some(task) = http_task {
             task.await.context("HTTP task panicked")?.context("HTTP endpoint")?;
         }
-        if !table.is_finished() || outcome.is_ok() {
+        if !table_joined {
             table.await.context("reference table task panicked")?.context("following refdata.contracts")?;
         }
         outcome

@@ -256,24 +256,31 @@ impl Meter {
     }
 
     fn quantity(&self, data: &Value) -> Result<Decimal6, Rejection> {
-        let value = self.value(data)?;
-        let text = match value {
-            Value::Number(number) => number.to_string(),
-            Value::String(text) => text.clone(),
-            other => return Err(Rejection::new(self.value_field(), format!("{other} is not a number"))),
-        };
-        let decimal = Decimal::from_scientific(&text)
-            .or_else(|_| text.parse::<Decimal>())
-            .map_err(|_| Rejection::new(self.value_field(), format!("{text:?} is not a number")))?;
-        if decimal.is_sign_negative() && !decimal.is_zero() {
-            return Err(Rejection::new(self.value_field(), format!("{text} is negative")));
+        let field = self.value_field();
+        let quantity = quantity_from_json(&field, self.value(data)?)?;
+        if quantity.value().is_sign_negative() && !quantity.value().is_zero() {
+            return Err(Rejection::new(field, format!("{quantity} is negative")));
         }
-        Decimal6::new(decimal).map_err(|e| Rejection::new(self.value_field(), e.to_string()))
+        Ok(quantity)
     }
 
     fn distinct_value(&self, data: &Value) -> Result<String, Rejection> {
         Ok(scalar_text(self.value(data)?))
     }
+}
+
+/// A quantity given as a JSON number or a decimal string (`1532`, `"1.5"`, `1e3`), read exactly
+/// from its text; `field` names it in the rejection.
+pub fn quantity_from_json(field: &str, value: &Value) -> Result<Decimal6, Rejection> {
+    let text = match value {
+        Value::Number(number) => number.to_string(),
+        Value::String(text) => text.clone(),
+        other => return Err(Rejection::new(field, format!("{other} is not a number"))),
+    };
+    let decimal = Decimal::from_scientific(&text)
+        .or_else(|_| text.parse::<Decimal>())
+        .map_err(|_| Rejection::new(field, format!("{text:?} is not a number")))?;
+    Decimal6::new(decimal).map_err(|e| Rejection::new(field, e.to_string()))
 }
 
 /// A JSON value as group-by text: strings unquoted, anything else as JSON.

@@ -65,18 +65,17 @@ pub struct IngestCounters {
 /// The usage-ingest processor.
 #[derive(Debug)]
 pub struct UsageProcessor {
-    meters: Meters,
+    meters: Arc<Meters>,
     contracts: ReferenceTable<Contract>,
     settings: Settings,
     counters: IngestCounters,
 }
 
-/// Thresholds of a billing-period total: what is included and which percentages fired.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What the contract includes for a meter, and at which percentages of it to report.
+#[derive(Debug, Clone)]
 struct Thresholds {
     included: Decimal6,
     percents: Vec<i32>,
-    fired: BTreeSet<i32>,
 }
 
 /// One running total, as stored.
@@ -103,8 +102,9 @@ struct Aggregate {
     latest_at: Option<i64>,
     /// Revisions written to `usage.recorded` so far.
     sequence: i64,
-    #[serde(default)]
-    thresholds: Option<Thresholds>,
+    /// Threshold percentages already reported for this period (billing-period totals only).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    fired_thresholds: BTreeSet<i32>,
     /// The last event folded in: the cause of the next `usage.recorded`.
     cause: Cause,
 }
@@ -136,7 +136,6 @@ impl Aggregate {
         window: &Window,
         dimensions: &BTreeMap<String, String>,
         contract: Option<&Contract>,
-        thresholds: Option<Thresholds>,
     ) -> Self {
         Self {
             account_id: event.envelope.account_id.clone(),
@@ -155,7 +154,7 @@ impl Aggregate {
             distinct: BTreeSet::new(),
             latest_at: None,
             sequence: 0,
-            thresholds,
+            fired_thresholds: BTreeSet::new(),
             cause: Cause::of(&event.envelope),
         }
     }
@@ -246,7 +245,7 @@ fn millis(duration: std::time::Duration) -> i64 {
 impl UsageProcessor {
     /// A processor counting with `meters` against the contracts of `contracts`.
     pub fn new(
-        meters: Meters,
+        meters: Arc<Meters>,
         contracts: ReferenceTable<Contract>,
         settings: Settings,
         counters: IngestCounters,
@@ -274,7 +273,7 @@ impl UsageProcessor {
             included.threshold_percents.clone().unwrap_or_else(|| self.settings.default_thresholds.clone());
         percents.sort_unstable();
         percents.dedup();
-        Some(Thresholds { included: included.included_quantity, percents, fired: BTreeSet::new() })
+        Some(Thresholds { included: included.included_quantity, percents })
     }
 
     fn late(
@@ -329,22 +328,28 @@ impl UsageProcessor {
         context.emit(Output::new(input.envelope.account_id.clone(), late));
     }
 
-    /// Emits the threshold crossings `aggregate` has reached and not yet reported.
-    fn check_thresholds(&self, context: &mut Context<'_>, key: &str, aggregate: &mut Aggregate, input: &UsageEvent) {
-        let (Some(thresholds), Some(subscription), Some(contract)) =
-            (&mut aggregate.thresholds, &aggregate.subscription_id, &aggregate.contract_id)
-        else {
+    /// Emits the crossings of `thresholds` that the billing-period total `aggregate` has
+    /// reached and not yet reported.
+    fn check_thresholds(
+        &self,
+        context: &mut Context<'_>,
+        key: &str,
+        aggregate: &mut Aggregate,
+        thresholds: &Thresholds,
+        input: &UsageEvent,
+    ) {
+        let (Some(subscription), Some(contract)) = (&aggregate.subscription_id, &aggregate.contract_id) else {
             return;
         };
         for &percent in &thresholds.percents {
-            if thresholds.fired.contains(&percent) {
+            if aggregate.fired_thresholds.contains(&percent) {
                 continue;
             }
             let threshold = (thresholds.included.value() * Decimal::from(percent) / Decimal::ONE_HUNDRED).round_dp(6);
             if aggregate.total.value() < threshold {
                 break; // percents are sorted: the higher ones are not reached either
             }
-            thresholds.fired.insert(percent);
+            aggregate.fired_thresholds.insert(percent);
             let overage = (aggregate.total.value() - thresholds.included.value()).max(Decimal::ZERO);
             let crossed = UsageThresholdCrossed {
                 envelope: Envelope::caused_by(
@@ -477,26 +482,18 @@ impl Processor for UsageProcessor {
                         Some(aggregate) => aggregate,
                         None => {
                             Self::schedule_close(context, *close_at)?;
-                            let is_period_total = window.kind == WindowKind::BillingPeriod && dimensions.is_empty();
-                            let thresholds = if is_period_total {
-                                self.thresholds(contract.as_deref(), &definition.key)
-                            } else {
-                                None
-                            };
-                            Aggregate::open(input, definition, window, dimensions, contract.as_deref(), thresholds)
+                            Aggregate::open(input, definition, window, dimensions, contract.as_deref())
                         }
                     };
                     aggregate.fold(&measurement.reading, input.time)?;
                     aggregate.cause = Cause::of(&input.envelope);
-                    if aggregate.thresholds.is_some() {
-                        // A contract revised mid-period (more included, other percentages)
-                        // applies from the next event on; what already fired stays fired.
-                        let fired = aggregate.thresholds.take().map(|t| t.fired).unwrap_or_default();
-                        aggregate.thresholds = self
-                            .thresholds(contract.as_deref(), &definition.key)
-                            .map(|fresh| Thresholds { fired, ..fresh });
+                    // Thresholds are read from the contract at every event, so a contract
+                    // revised mid-period applies from the next event on; only what already
+                    // fired is state.
+                    let is_period_total = window.kind == WindowKind::BillingPeriod && dimensions.is_empty();
+                    if is_period_total && let Some(thresholds) = self.thresholds(contract.as_deref(), &definition.key) {
+                        self.check_thresholds(context, &key, &mut aggregate, &thresholds, input);
                     }
-                    self.check_thresholds(context, &key, &mut aggregate, input);
                     context.put(AGGREGATES, &key, &aggregate)?;
                     context.put(DIRTY, &key, &1_i64)?;
                 }
