@@ -8,7 +8,7 @@ use rdkafka::Offset;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 
 use crate::config::KafkaConfig;
 
@@ -100,15 +100,81 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, TopicKind)]) ->
             }
         }
     }
-    Ok(())
+    // A topic exists before its partitions have leaders; whoever reads or writes it right
+    // after (the service, a test, the CLI) would get NotLeaderForPartition. Wait for them.
+    let consumer: BaseConsumer = client_config(kafka).create().map_err(KafkaSetupError::Client)?;
+    let names: Vec<String> = topics.iter().map(|(name, _)| (*name).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        for topic in &names {
+            leaders_elected(&consumer, topic)
+                .map_err(|e| KafkaSetupError::CreateTopic { topic: topic.clone(), reason: e.to_string() })?;
+        }
+        Ok(())
+    })
+    .await?
 }
+
+/// Blocks until every partition of `topic` has a leader, or METADATA_TIMEOUT passes.
+fn leaders_elected<C: ConsumerContext>(consumer: &impl Consumer<C>, topic: &str) -> KafkaResult<()> {
+    let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
+    loop {
+        let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+        let settled = metadata.topics().first().is_some_and(|t| {
+            t.error().is_none()
+                && !t.partitions().is_empty()
+                && t.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none())
+        });
+        if settled {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::LeaderNotAvailable));
+        }
+        std::thread::sleep(SETTLE_PAUSE);
+    }
+}
+
+/// Runs a metadata request again while it fails for a reason that passes on its own (a
+/// partition whose leader is being elected, a topic that was just created), for at most
+/// METADATA_TIMEOUT.
+fn retrying_transient<T>(mut request: impl FnMut() -> KafkaResult<T>) -> KafkaResult<T> {
+    let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
+    loop {
+        match request() {
+            Err(error) if is_transient(&error) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(SETTLE_PAUSE);
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+fn is_transient(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::OperationTimedOut
+        )
+    )
+}
+
+/// How long to wait between two tries of a metadata request that failed transiently.
+const SETTLE_PAUSE: Duration = Duration::from_millis(100);
 
 /// How long metadata and watermark requests may take.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The partition ids of `topic` (none if it does not exist).
 pub(crate) fn partitions_of<C: ConsumerContext>(consumer: &impl Consumer<C>, topic: &str) -> KafkaResult<Vec<i32>> {
-    let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+    let metadata = retrying_transient(|| consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT))?;
     Ok(metadata.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default())
 }
 
@@ -121,7 +187,7 @@ pub(crate) fn ends_of<C: ConsumerContext>(
 ) -> KafkaResult<BTreeMap<i32, i64>> {
     let mut ends = BTreeMap::new();
     for &partition in partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
+        let (low, high) = retrying_transient(|| consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT))?;
         if high > low {
             ends.insert(partition, high);
         }
