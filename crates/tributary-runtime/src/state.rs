@@ -45,13 +45,42 @@ pub(crate) struct StoredTimer {
     pub(crate) payload: serde_json::Value,
 }
 
-type StoreId = (String, i32);
-type Layer = HashMap<StoreId, HashMap<String, Option<Vec<u8>>>>;
+/// The entries of every store, by store name, then partition. Nested rather than keyed by
+/// `(store, partition)` so that a lookup by `&str` allocates nothing: the state is read and
+/// written several times per record.
+type Stores<V> = HashMap<String, HashMap<i32, HashMap<String, V>>>;
+/// Changes of a layer: `None` deletes the key.
+type Layer = Stores<Option<Vec<u8>>>;
+
+fn entries<'a, V>(stores: &'a Stores<V>, store: &str, partition: i32) -> Option<&'a HashMap<String, V>> {
+    stores.get(store)?.get(&partition)
+}
+
+fn entries_mut<'a, V>(stores: &'a mut Stores<V>, store: &str, partition: i32) -> &'a mut HashMap<String, V> {
+    if !stores.contains_key(store) {
+        stores.insert(store.to_owned(), HashMap::new());
+    }
+    stores.get_mut(store).expect("inserted above").entry(partition).or_default()
+}
+
+/// Moves every change of `from` into `to`, keeping `from`'s maps (and their capacity) for the
+/// next record or transaction.
+fn move_changes(from: &mut Layer, to: &mut Layer) {
+    for (store, partitions) in from.iter_mut() {
+        for (partition, changes) in partitions.iter_mut().filter(|(_, changes)| !changes.is_empty()) {
+            entries_mut(to, store, *partition).extend(changes.drain());
+        }
+    }
+}
+
+fn clear(layer: &mut Layer) {
+    layer.values_mut().flat_map(HashMap::values_mut).for_each(HashMap::clear);
+}
 
 /// The state of one service instance: every store on every assigned partition.
 #[derive(Debug, Default)]
 pub struct TxnState {
-    base: HashMap<StoreId, HashMap<String, Vec<u8>>>,
+    base: Stores<Vec<u8>>,
     overlay: Layer,
     staged: Layer,
 }
@@ -71,13 +100,12 @@ impl TxnState {
 
     /// The raw bytes of `key`, newest layer first.
     pub fn get_raw(&self, store: &str, partition: i32, key: &str) -> Option<&[u8]> {
-        let id = (store.to_owned(), partition);
         for layer in [&self.staged, &self.overlay] {
-            if let Some(value) = layer.get(&id).and_then(|entries| entries.get(key)) {
+            if let Some(value) = entries(layer, store, partition).and_then(|entries| entries.get(key)) {
                 return value.as_deref();
             }
         }
-        self.base.get(&id).and_then(|entries| entries.get(key)).map(Vec::as_slice)
+        entries(&self.base, store, partition).and_then(|entries| entries.get(key)).map(Vec::as_slice)
     }
 
     /// Writes `key` in the record's staged changes.
@@ -97,7 +125,7 @@ impl TxnState {
     }
 
     fn stage(&mut self, store: &str, partition: i32, key: &str, value: Option<Vec<u8>>) {
-        self.staged.entry((store.to_owned(), partition)).or_default().insert(key.to_owned(), value);
+        entries_mut(&mut self.staged, store, partition).insert(key.to_owned(), value);
     }
 
     /// Schedules timer `key` on `partition`.
@@ -124,45 +152,47 @@ impl TxnState {
 
     /// The record succeeded: its changes join the open transaction.
     pub(crate) fn accept_staged(&mut self) {
-        for (id, entries) in self.staged.drain() {
-            self.overlay.entry(id).or_default().extend(entries);
-        }
+        move_changes(&mut self.staged, &mut self.overlay);
     }
 
     /// The record failed: its changes are dropped.
     pub(crate) fn discard_staged(&mut self) {
-        self.staged.clear();
+        clear(&mut self.staged);
     }
 
     /// What the open transaction changed, to write to the changelogs before committing.
     pub(crate) fn pending_changes(&self) -> impl Iterator<Item = (&str, i32, &str, Option<&[u8]>)> {
-        self.overlay.iter().flat_map(|((store, partition), entries)| {
-            entries.iter().map(move |(key, value)| (store.as_str(), *partition, key.as_str(), value.as_deref()))
+        self.overlay.iter().flat_map(|(store, partitions)| {
+            partitions.iter().flat_map(move |(partition, entries)| {
+                entries.iter().map(move |(key, value)| (store.as_str(), *partition, key.as_str(), value.as_deref()))
+            })
         })
     }
 
     /// The transaction committed: its changes become the base.
     pub(crate) fn commit(&mut self) {
-        for (id, entries) in self.overlay.drain() {
-            let base = self.base.entry(id).or_default();
-            for (key, value) in entries {
-                match value {
-                    Some(value) => base.insert(key, value),
-                    None => base.remove(&key),
-                };
+        for (store, partitions) in self.overlay.iter_mut() {
+            for (partition, changes) in partitions.iter_mut().filter(|(_, changes)| !changes.is_empty()) {
+                let base = entries_mut(&mut self.base, store, *partition);
+                for (key, value) in changes.drain() {
+                    match value {
+                        Some(value) => base.insert(key, value),
+                        None => base.remove(&key),
+                    };
+                }
             }
         }
     }
 
     /// The transaction aborted: its changes are dropped.
     pub(crate) fn abort(&mut self) {
-        self.overlay.clear();
-        self.staged.clear();
+        clear(&mut self.overlay);
+        clear(&mut self.staged);
     }
 
     /// A restored changelog record, straight into the base.
     pub(crate) fn restore(&mut self, store: &str, partition: i32, key: String, value: Option<Vec<u8>>) {
-        let base = self.base.entry((store.to_owned(), partition)).or_default();
+        let base = entries_mut(&mut self.base, store, partition);
         match value {
             Some(value) => base.insert(key, value),
             None => base.remove(&key),
@@ -171,9 +201,12 @@ impl TxnState {
 
     /// Forgets the state of a partition this instance no longer owns.
     pub(crate) fn drop_partition(&mut self, partition: i32) {
-        self.base.retain(|(_, p), _| *p != partition);
-        self.overlay.retain(|(_, p), _| *p != partition);
-        self.staged.retain(|(_, p), _| *p != partition);
+        for partitions in self.base.values_mut() {
+            partitions.remove(&partition);
+        }
+        for partitions in self.overlay.values_mut().chain(self.staged.values_mut()) {
+            partitions.remove(&partition);
+        }
     }
 
     /// Entries of `store` on `partition` whose key starts with `prefix` and whose value
@@ -197,15 +230,14 @@ impl TxnState {
     /// The newest value (`None`: deleted) of every key of `store` on `partition` that starts
     /// with `prefix`: base, then the open transaction, then the record being processed.
     fn merged(&self, store: &str, partition: i32, prefix: &str) -> BTreeMap<&str, Option<&[u8]>> {
-        let id = (store.to_owned(), partition);
         let mut merged: BTreeMap<&str, Option<&[u8]>> = BTreeMap::new();
-        if let Some(entries) = self.base.get(&id) {
+        if let Some(entries) = entries(&self.base, store, partition) {
             merged.extend(
                 entries.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.as_str(), Some(v.as_slice()))),
             );
         }
         for layer in [&self.overlay, &self.staged] {
-            if let Some(entries) = layer.get(&id) {
+            if let Some(entries) = entries(layer, store, partition) {
                 merged.extend(
                     entries.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.as_str(), v.as_deref())),
                 );
@@ -216,7 +248,7 @@ impl TxnState {
 
     /// Number of committed keys of `store` on `partition`.
     pub fn len(&self, store: &str, partition: i32) -> usize {
-        self.base.get(&(store.to_owned(), partition)).map_or(0, HashMap::len)
+        entries(&self.base, store, partition).map_or(0, HashMap::len)
     }
 }
 

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use opentelemetry::propagation::{Extractor, Injector};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -145,9 +147,14 @@ pub struct StreamRuntime<P: Processor> {
     stores: Vec<&'static str>,
     owned: BTreeSet<i32>,
     /// Next offset to commit per input topic and partition, for the open transaction.
-    pending_offsets: BTreeMap<(String, i32), i64>,
-    /// `occurred_at` of the inputs in the open transaction, for end-to-end latency.
-    pending_occurred: Vec<(String, i64)>,
+    pending_offsets: HashMap<String, BTreeMap<i32, i64>>,
+    /// `occurred_at` of the inputs in the open transaction, with the end-to-end latency
+    /// histogram of their topic.
+    pending_occurred: Vec<(Histogram, i64)>,
+    /// Metric handles per input topic, and the full name and produced-counter of each output
+    /// topic: looked up by `&str` for every record, so that the hot path allocates no labels.
+    input_metrics: HashMap<String, InputMetrics>,
+    output_topics: HashMap<&'static str, (String, Counter)>,
     records_in_txn: usize,
     txn_started: Instant,
     /// Paused partitions and when to resume them.
@@ -242,8 +249,10 @@ impl<P: Processor> StreamRuntime<P> {
             state: TxnState::default(),
             stores,
             owned: BTreeSet::new(),
-            pending_offsets: BTreeMap::new(),
+            pending_offsets: HashMap::new(),
             pending_occurred: Vec::new(),
+            input_metrics: HashMap::new(),
+            output_topics: HashMap::new(),
             records_in_txn: 0,
             txn_started: Instant::now(),
             paused: HashMap::new(),
@@ -384,7 +393,8 @@ impl<P: Processor> StreamRuntime<P> {
             key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             headers: header_map(message.headers()),
         };
-        self.metrics.records_consumed.get_or_create(&TopicLabels { topic: topic.clone() }).inc();
+        let metrics = self.input_metrics(&topic);
+        metrics.consumed.inc();
         self.begin_if_needed()?;
         self.records_in_txn += 1;
 
@@ -397,12 +407,41 @@ impl<P: Processor> StreamRuntime<P> {
         );
         let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(&meta.headers)));
         let _ = span.set_parent(parent);
-        let advance = self.process_record(&message, &meta, shutdown).instrument(span).await?;
+        let advance = self.process_record(&message, &meta, &metrics, shutdown).instrument(span).await?;
         if advance {
-            self.pending_offsets.insert((topic.clone(), at.partition), at.offset + 1);
+            if let Some(offsets) = self.pending_offsets.get_mut(&topic) {
+                offsets.insert(at.partition, at.offset + 1);
+            } else {
+                self.pending_offsets.insert(topic, BTreeMap::from([(at.partition, at.offset + 1)]));
+            }
         }
-        self.metrics.processing_seconds.get_or_create(&TopicLabels { topic }).observe(started.elapsed().as_secs_f64());
+        metrics.processing.observe(started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// The metric handles of input `topic`.
+    fn input_metrics(&mut self, topic: &str) -> InputMetrics {
+        if let Some(handles) = self.input_metrics.get(topic) {
+            return handles.clone();
+        }
+        let labels = TopicLabels { topic: topic.to_owned() };
+        let handles = InputMetrics {
+            consumed: self.metrics.records_consumed.get_or_create(&labels).clone(),
+            duplicates: self.metrics.duplicates_skipped.get_or_create(&labels).clone(),
+            processing: self.metrics.processing_seconds.get_or_create(&labels).clone(),
+            end_to_end: self.metrics.end_to_end_seconds.get_or_create(&labels).clone(),
+        };
+        self.input_metrics.insert(topic.to_owned(), handles.clone());
+        handles
+    }
+
+    /// The full name (with the environment's prefix) and produced-counter of output `topic`.
+    fn output_topic(&mut self, topic: &'static str) -> &(String, Counter) {
+        self.output_topics.entry(topic).or_insert_with(|| {
+            let name = self.settings.kafka.topic(topic);
+            let produced = self.metrics.records_produced.get_or_create(&TopicLabels { topic: name.clone() }).clone();
+            (name, produced)
+        })
     }
 
     /// Processes one record; returns whether its offset may be committed (false when its
@@ -411,6 +450,7 @@ impl<P: Processor> StreamRuntime<P> {
         &mut self,
         message: &OwnedMessage,
         meta: &RecordMeta,
+        metrics: &InputMetrics,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<bool> {
         let at = &meta.location;
@@ -441,13 +481,17 @@ impl<P: Processor> StreamRuntime<P> {
                 }
             }
         };
-        tracing::Span::current().record("correlation_id", input.envelope().correlation_id.as_str());
+        let correlation_id = input.envelope().correlation_id.as_str();
+        if meta.headers.get(headers::CORRELATION_ID).is_none_or(|header| header != correlation_id) {
+            // The span took the header's value; the envelope is the authority.
+            tracing::Span::current().record("correlation_id", correlation_id);
+        }
 
         let idempotency_key = self.processor.idempotency_key(&input);
         if let Some(key) = &idempotency_key
             && self.state.get_raw(IDEMPOTENCY_STORE, at.partition, key).is_some()
         {
-            self.metrics.duplicates_skipped.get_or_create(&TopicLabels { topic: at.topic.clone() }).inc();
+            metrics.duplicates.inc();
             tracing::debug!(idempotency_key = %key, "duplicate skipped");
             return Ok(true);
         }
@@ -474,7 +518,7 @@ impl<P: Processor> StreamRuntime<P> {
                         self.state.put(IDEMPOTENCY_STORE, at.partition, key, &now.timestamp_millis())?;
                     }
                     self.state.accept_staged();
-                    self.pending_occurred.push((at.topic.clone(), input.envelope().occurred_at));
+                    self.pending_occurred.push((metrics.end_to_end.clone(), input.envelope().occurred_at));
                     return Ok(true);
                 }
                 Err(error) => {
@@ -524,7 +568,7 @@ impl<P: Processor> StreamRuntime<P> {
     }
 
     /// Encodes and sends outputs inside the open transaction.
-    async fn write_outputs(&self, outputs: Vec<Output>) -> Result<(), ProcessError> {
+    async fn write_outputs(&mut self, outputs: Vec<Output>) -> Result<(), ProcessError> {
         let mut encoded = Vec::with_capacity(outputs.len());
         for output in &outputs {
             let bytes = output.value.encode(&self.codec).await.map_err(|error| {
@@ -544,10 +588,11 @@ impl<P: Processor> StreamRuntime<P> {
             for (name, value) in trace_headers() {
                 record_headers = record_headers.insert(Header { key: &name, value: Some(&value) });
             }
-            let topic = self.settings.kafka.topic(output.topic);
-            let record = BaseRecord::to(&topic).key(output.key.as_bytes()).payload(&bytes).headers(record_headers);
-            send(&self.producer, record).map_err(|e| ProcessError::retryable("produce", e.to_string()))?;
-            self.metrics.records_produced.get_or_create(&TopicLabels { topic }).inc();
+            let producer = self.producer.clone();
+            let (topic, produced) = self.output_topic(output.topic);
+            let record = BaseRecord::to(topic).key(output.key.as_bytes()).payload(&bytes).headers(record_headers);
+            send(&producer, record).map_err(|e| ProcessError::retryable("produce", e.to_string()))?;
+            produced.inc();
         }
         Ok(())
     }
@@ -709,8 +754,10 @@ impl<P: Processor> StreamRuntime<P> {
             send(&self.producer, record).context("writing a changelog record")?;
         }
         let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), offset) in &self.pending_offsets {
-            offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+        for (topic, partitions) in &self.pending_offsets {
+            for (partition, offset) in partitions {
+                offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+            }
         }
         let group = self.consumer.group_metadata().context("the consumer has no group metadata")?;
         let producer = self.producer.clone();
@@ -733,9 +780,8 @@ impl<P: Processor> StreamRuntime<P> {
                 self.metrics.transaction_commit_seconds.observe(started.elapsed().as_secs_f64());
                 self.metrics.transactions.get_or_create(&OutcomeLabels { outcome: "committed".into() }).inc();
                 let now = Utc::now().timestamp_millis();
-                for (topic, occurred_at) in self.pending_occurred.drain(..) {
-                    let seconds = (now - occurred_at).max(0) as f64 / 1000.0;
-                    self.metrics.end_to_end_seconds.get_or_create(&TopicLabels { topic }).observe(seconds);
+                for (end_to_end, occurred_at) in self.pending_occurred.drain(..) {
+                    end_to_end.observe((now - occurred_at).max(0) as f64 / 1000.0);
                 }
                 self.pending_offsets.clear();
                 Ok(())
@@ -756,7 +802,11 @@ impl<P: Processor> StreamRuntime<P> {
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || producer.abort_transaction(TXN_TIMEOUT)).await?.context("aborting")?;
         self.metrics.transactions.get_or_create(&OutcomeLabels { outcome: "aborted".into() }).inc();
-        let rewind: Vec<(String, i32)> = self.pending_offsets.keys().cloned().collect();
+        let rewind: Vec<(String, i32)> = self
+            .pending_offsets
+            .iter()
+            .flat_map(|(topic, partitions)| partitions.keys().map(|partition| (topic.clone(), *partition)))
+            .collect();
         self.discard_transaction();
         let committed = self.consumer.committed(TXN_TIMEOUT)?;
         for (topic, partition) in rewind {
@@ -777,6 +827,15 @@ impl<P: Processor> StreamRuntime<P> {
         self.pending_occurred.clear();
         self.records_in_txn = 0;
     }
+}
+
+/// The metric handles of one input topic.
+#[derive(Debug, Clone)]
+struct InputMetrics {
+    consumed: Counter,
+    duplicates: Counter,
+    processing: Histogram,
+    end_to_end: Histogram,
 }
 
 /// Producer settings shared by the runtime and its tests.
