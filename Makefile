@@ -18,7 +18,7 @@ TRIBUTARY_CLI := $(CARGO_TARGET_DIR)/debug/tributary
 LOCAL := deploy/local
 WITH_STACK := $(LOCAL)/with-stack.sh
 
-.PHONY: help up down status demo test lint schemas bench build
+.PHONY: help up down status demo test lint schemas manifests bench build
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,7 +50,10 @@ schemas: build ## Offline schema gates: conventions, and FULL_TRANSITIVE against
 	python3 schemas/check_conventions.py
 	$(TRIBUTARY_CLI) schemas check
 
-test: build lint schemas ## Every test, unit and end-to-end; starts the stack if needed and stops what it started
+manifests: build ## Kubernetes manifests: API schemas, consistency, configs accepted by the services
+	py=$$(tests/python/setup.sh | tail -1) && "$$py" deploy/k8s/check.py --bin-dir "$(CARGO_TARGET_DIR)/debug" --self-test
+
+test: build lint schemas manifests ## Every test, unit and end-to-end; starts the stack if needed and stops what it started
 	$(WITH_STACK) cargo test --workspace --no-fail-fast
 
 bench: ## Benchmarks (codec, then the runtime and usage-ingest against the local stack); results in BENCHMARKS.md

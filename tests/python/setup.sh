@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the Python venv that runs read_confluent.py, and prints its python.
+# Creates (or reuses) the Python venv of the test suite (read_confluent.py, deploy/k8s/check.py),
+# and prints its python.
 #
 #   py=$(tests/python/setup.sh | tail -1)
 #   "$py" tests/python/read_confluent.py expectations.json
@@ -68,7 +69,7 @@ rm -f "$stamp"
 "$base_python" -m venv --clear "$venv" >&2
 "$py" -m pip install --quiet --disable-pip-version-check --no-input -r "$requirements" >&2
 # Fail here, not in the test, if the install is unusable.
-"$py" -c 'import confluent_kafka, confluent_kafka.schema_registry.avro, fastavro' >&2
+"$py" -c 'import confluent_kafka, confluent_kafka.schema_registry.avro, fastavro, kubernetes_validate, yaml' >&2
 want_stamp "$py" >"$stamp"
 log "ready in $((SECONDS - start)) s (confluent-kafka $("$py" -c 'import importlib.metadata as m; print(m.version("confluent-kafka"))'), librdkafka $("$py" -c 'import confluent_kafka as c; print(c.libversion()[0])'))"
 
