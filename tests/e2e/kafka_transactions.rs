@@ -87,3 +87,33 @@ async fn a_transactional_write_is_visible_to_read_committed_only_after_commit_an
     let raw = read_payloads(&uncommitted_reader, TIMEOUT, Some("after-abort")).await;
     assert_eq!(raw, ["aborted-1", "aborted-2", "after-abort"], "the aborted records are in the log");
 }
+
+/// A topic exists before its partitions have leaders. `ensure_topics` returns only once they
+/// do, so that a service (or a test) reading its end right after creating it does not fail with
+/// NotLeaderForPartition, which is how CI once failed. Many partitions created at once make
+/// the election take long enough to be seen.
+#[tokio::test]
+async fn topics_are_readable_as_soon_as_ensure_topics_returns() {
+    const PARTITIONS: i32 = 24;
+    let stack = stack();
+    let mut kafka = stack.kafka();
+    kafka.partitions = PARTITIONS;
+    let topics: Vec<String> = (0..8).map(|_| unique_name("fresh")).collect();
+    let specs: Vec<(&str, TopicKind)> = topics.iter().map(|t| (t.as_str(), TopicKind::Events)).collect();
+    ensure_topics(&kafka, &specs).await.expect("create the topics");
+    let reader = consumer(stack, &topics[0], "read_committed");
+    for topic in &topics {
+        for partition in 0..PARTITIONS {
+            let (low, high) = reader
+                .fetch_watermarks(topic, partition, TIMEOUT)
+                .unwrap_or_else(|e| panic!("partition {partition} of {topic} has no leader yet: {e}"));
+            assert_eq!((low, high), (0, 0), "a new topic holds nothing");
+        }
+    }
+    for topic in &topics {
+        let read = tributary_runtime::kafka::read_to_end(&kafka, topic, None, |_| {})
+            .await
+            .expect("reading a topic just created succeeds");
+        assert_eq!(read, 0, "a new topic holds nothing");
+    }
+}

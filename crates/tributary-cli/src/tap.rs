@@ -19,12 +19,10 @@ use serde_json::{Value as Json, json};
 use tributary_contracts::codec::{Codec, Location};
 use tributary_contracts::json::value_to_json;
 use tributary_contracts::registry::{RegistryClient, RegistryResolver};
-use tributary_runtime::kafka::client_config;
+use tributary_runtime::kafka::{client_config, partitions_of, watermarks};
 
 use crate::Connections;
 
-/// How long to wait for the cluster's answers about the topic.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long without records before checking whether the end is reached.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
 
@@ -61,19 +59,13 @@ pub(crate) async fn run(connections: &Connections, args: &TapArgs) -> anyhow::Re
         .create()
         .context("creating the consumer")?;
 
-    let metadata = consumer.fetch_metadata(Some(&args.topic), METADATA_TIMEOUT)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .first()
-        .filter(|t| t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
+    let partitions = partitions_of(&consumer, &args.topic)?;
     anyhow::ensure!(!partitions.is_empty(), "topic {} does not exist", args.topic);
 
     let mut assignment = TopicPartitionList::new();
     let mut ends = BTreeMap::new();
     for &partition in &partitions {
-        let (low, high) = consumer.fetch_watermarks(&args.topic, partition, METADATA_TIMEOUT)?;
+        let (low, high) = watermarks(&consumer, &args.topic, partition)?;
         let start = if args.from_beginning { low } else { high };
         assignment.add_partition_offset(&args.topic, partition, Offset::Offset(start))?;
         ends.insert(partition, high);

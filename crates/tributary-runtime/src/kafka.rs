@@ -114,21 +114,19 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, TopicKind)]) ->
     .await?
 }
 
-/// Blocks until every partition of `topic` has a leader, or METADATA_TIMEOUT passes.
+/// Blocks until every partition of `topic` answers a ListOffsets request, or METADATA_TIMEOUT
+/// passes. Metadata naming a leader is not enough: with KRaft, the broker reports itself leader
+/// before it has applied the change and created the partition's log, and answers
+/// NotLeaderForPartition meanwhile.
 fn leaders_elected<C: ConsumerContext>(consumer: &impl Consumer<C>, topic: &str) -> KafkaResult<()> {
     let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
     loop {
-        let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
-        let settled = metadata.topics().first().is_some_and(|t| {
-            t.error().is_none()
-                && !t.partitions().is_empty()
-                && t.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none())
-        });
-        if settled {
-            return Ok(());
+        let partitions = partitions_of(consumer, topic)?;
+        if !partitions.is_empty() {
+            return ends_of(consumer, topic, &partitions).map(drop);
         }
         if std::time::Instant::now() >= deadline {
-            return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::LeaderNotAvailable));
+            return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition));
         }
         std::thread::sleep(SETTLE_PAUSE);
     }
@@ -173,9 +171,19 @@ const SETTLE_PAUSE: Duration = Duration::from_millis(100);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The partition ids of `topic` (none if it does not exist).
-pub(crate) fn partitions_of<C: ConsumerContext>(consumer: &impl Consumer<C>, topic: &str) -> KafkaResult<Vec<i32>> {
+pub fn partitions_of<C: ConsumerContext>(consumer: &impl Consumer<C>, topic: &str) -> KafkaResult<Vec<i32>> {
     let metadata = retrying_transient(|| consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT))?;
     Ok(metadata.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default())
+}
+
+/// The low and high watermarks of `partition` of `topic`, asked again while its leader is being
+/// elected.
+pub fn watermarks<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    partition: i32,
+) -> KafkaResult<(i64, i64)> {
+    retrying_transient(|| consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT))
 }
 
 /// The high watermark of each of `partitions` of `topic` that holds records: the end a reader
@@ -187,7 +195,7 @@ pub(crate) fn ends_of<C: ConsumerContext>(
 ) -> KafkaResult<BTreeMap<i32, i64>> {
     let mut ends = BTreeMap::new();
     for &partition in partitions {
-        let (low, high) = retrying_transient(|| consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT))?;
+        let (low, high) = watermarks(consumer, topic, partition)?;
         if high > low {
             ends.insert(partition, high);
         }
