@@ -18,7 +18,8 @@ use tributary_tests::stack;
 
 #[tokio::main]
 async fn main() {
-    let _telemetry = common::telemetry();
+    // BENCH_NO_TELEMETRY=1 leaves tracing and OpenTelemetry out, to measure what spans cost.
+    let _telemetry = std::env::var_os("BENCH_NO_TELEMETRY").is_none().then(common::telemetry);
     let stack = stack();
     println!("Runtime benchmark: identity processor, exactly-once, commit interval 100 ms, 3 partitions");
     println!("backlog {BACKLOG} records for throughput; {RATE} records/s for {LATENCY_SECONDS} s for latency\n");

@@ -95,8 +95,15 @@ pub fn init(service: &str, config: &LoggingConfig) -> Result<TelemetryGuard, Tel
     opentelemetry::global::set_tracer_provider(provider.clone());
     // The log filter applies to log lines only: spans reach OpenTelemetry at info and above
     // whatever the log level, so that a quieter log never breaks trace propagation.
-    let otel =
-        tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_owned())).with_filter(LevelFilter::INFO);
+    // Spans are made per record, so what each one carries is paid per record: the source
+    // location and thread are the same for every record span, and busy/idle tracking reads the
+    // clock at every poll of the record's future (BENCHMARKS.md, "Where the time goes").
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(service.to_owned()))
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_filter(LevelFilter::INFO);
     let registry = tracing_subscriber::registry().with(otel);
     let installed = match config.format {
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_filter(filter)).try_init(),
