@@ -55,9 +55,11 @@ fetch_kafka() {
   # The two entry points up.sh uses must be there, or the broker would fail later, obscurely.
   local jar="$partial/libs/kafka_2.13-$KAFKA_VERSION.jar"
   [[ -f "$jar" ]] || tb_die "Kafka download incomplete: no $jar"
-  unzip -l "$jar" | grep -q 'kafka/tools/StorageTool.class' ||
+  # grep reads the whole listing (no -q): with pipefail, a grep that stops at the first match
+  # kills unzip with SIGPIPE and fails the pipeline although the class is there.
+  unzip -l "$jar" | grep 'kafka/tools/StorageTool.class' >/dev/null ||
     tb_die "$jar has no kafka.tools.StorageTool"
-  unzip -l "$jar" | grep -q ' kafka/Kafka.class' || tb_die "$jar has no kafka.Kafka"
+  unzip -l "$jar" | grep ' kafka/Kafka.class' >/dev/null || tb_die "$jar has no kafka.Kafka"
   stamp_of kafka >"$partial/.complete"
   rm -rf "$home"
   mv "$partial" "$home"

@@ -185,7 +185,8 @@ tb_wait_reaped() {
 
 # Major version of a java executable ("17", "25"), or nothing.
 tb_java_major() {
-  "$1" -version 2>&1 | head -n 1 | sed -nE 's/.*version "(1\.)?([0-9]+).*/\2/p'
+  # sed reads all of java's output (no `head`), so that java never meets a closed pipe.
+  "$1" -version 2>&1 | sed -nE '1s/.*version "(1\.)?([0-9]+).*/\2/p'
 }
 
 # Prints a java executable whose major version is at least $1: TRIBUTARY_JAVA when it is new
