@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import kubernetes_validate
@@ -195,8 +196,6 @@ def check_service(name: str, documents: dict[str, list[dict]], bin_dir: Path | N
 
 
 def parse_toml(text: str, fail) -> dict:
-    import tomllib
-
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:

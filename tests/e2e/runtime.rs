@@ -17,7 +17,7 @@ use tributary_runtime::dlq::{self, ReplayFilter};
 use tributary_runtime::service::{RunningService, spawn};
 use tributary_tests::echo::{EchoService, EchoSettings, FOLLOW_UP, INPUT_EVENT, NAME, input_topic, output_topic};
 use tributary_tests::kafka::{
-    Read, codec, produce, produce_raw, produce_with_headers, producer, read_to_end, usage_event,
+    Read, by_account, codec, produce, produce_raw, produce_with_headers, producer, read_to_end, trickle, usage_event,
 };
 use tributary_tests::{Stack, eventually, stack, unique_name};
 
@@ -254,17 +254,14 @@ async fn outputs_are_exactly_once_when_the_process_is_killed_at_random_moments()
     let world = World::new();
     let binary = echo_binary();
     let inputs = events(20, 100);
-    let feeder = {
-        let (stack, codec, topic) = (world.stack, world.codec.clone(), input_topic(&world.prefix));
-        let inputs = inputs.clone();
-        tokio::spawn(async move {
-            let producer = producer(stack);
-            for chunk in inputs.chunks(100) {
-                produce(&producer, &codec, &topic, chunk).await;
-                tokio::time::sleep(Duration::from_millis(150)).await;
-            }
-        })
-    };
+    let feeder = trickle(
+        world.stack,
+        world.codec.clone(),
+        input_topic(&world.prefix),
+        by_account(&inputs),
+        100,
+        Duration::from_millis(150),
+    );
     let mut rng = rand::rng();
     for crash in 0..4 {
         let child = world.spawn_process(&binary, "crashy");
@@ -289,17 +286,14 @@ async fn sigterm_during_load_exits_0_and_loses_or_doubles_nothing() {
     let inputs = events(10, 100);
     let mut child = world.spawn_process(&binary, "graceful");
     world.produce(&inputs[..300]).await;
-    let feeder = {
-        let (stack, codec, topic) = (world.stack, world.codec.clone(), input_topic(&world.prefix));
-        let rest = inputs[300..].to_vec();
-        tokio::spawn(async move {
-            let producer = producer(stack);
-            for chunk in rest.chunks(50) {
-                produce(&producer, &codec, &topic, chunk).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let feeder = trickle(
+        world.stack,
+        world.codec.clone(),
+        input_topic(&world.prefix),
+        by_account(&inputs[300..]),
+        50,
+        Duration::from_millis(50),
+    );
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     signal(&child, Signal::SIGTERM);
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("stops in grace").unwrap();

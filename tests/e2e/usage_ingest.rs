@@ -20,7 +20,7 @@ use tributary_contracts::types::{
 use tributary_runtime::ServiceConfig;
 use tributary_runtime::dlq;
 use tributary_runtime::service::{RunningService, spawn};
-use tributary_tests::kafka::{Read, codec, produce, produce_keyed, producer, read_to_end};
+use tributary_tests::kafka::{Read, codec, produce, produce_keyed, producer, read_to_end, trickle};
 use tributary_tests::{Stack, eventually, stack, unique_name, workspace_binary};
 use usage_ingest::meters::{Aggregation, MeterDefinition};
 use usage_ingest::{App, NAME, Settings};
@@ -736,18 +736,15 @@ unit = "call"
                 .map(move |a| (a.clone(), kafka_event(&format!("{a}-{i}"), a, "api.call", json!({}), now_ms())))
         })
         .collect();
-    let feeder = {
-        let (stack, codec, topic, inputs) =
-            (world.stack, world.codec.clone(), world.topic(topics::USAGE_EVENTS), inputs.clone());
-        tokio::spawn(async move {
-            let producer = producer(stack);
-            // About 15 s of traffic, so that every crash lands while events are flowing.
-            for chunk in inputs.chunks(40) {
-                produce_keyed(&producer, &codec, &topic, chunk).await;
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        })
-    };
+    // About 15 s of traffic, so that every crash lands while events are flowing.
+    let feeder = trickle(
+        world.stack,
+        world.codec.clone(),
+        world.topic(topics::USAGE_EVENTS),
+        inputs.clone(),
+        40,
+        Duration::from_millis(250),
+    );
     let mut rng = rand::rng();
     for crash in 0..4 {
         let mut child = spawn_binary(&world, &config);

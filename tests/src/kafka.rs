@@ -51,8 +51,31 @@ pub fn producer(stack: &Stack) -> FutureProducer {
 
 /// Writes `values` to `topic`, keyed by their account ids, in order.
 pub async fn produce<T: Contract>(producer: &FutureProducer, codec: &Codec, topic: &str, values: &[T]) {
-    let keyed: Vec<(String, T)> = values.iter().map(|v| (v.envelope().account_id.clone(), v.clone())).collect();
-    produce_keyed(producer, codec, topic, &keyed).await;
+    produce_keyed(producer, codec, topic, &by_account(values)).await;
+}
+
+/// `values` keyed by their account ids, as event topics are.
+pub fn by_account<T: Contract>(values: &[T]) -> Vec<(String, T)> {
+    values.iter().map(|v| (v.envelope().account_id.clone(), v.clone())).collect()
+}
+
+/// Writes `values` to `topic` in the background, `chunk` records at a time with `pause` between
+/// chunks: traffic that keeps flowing while a test kills or stops the service under it.
+pub fn trickle<T: Contract + 'static>(
+    stack: &'static Stack,
+    codec: Codec,
+    topic: String,
+    values: Vec<(String, T)>,
+    chunk: usize,
+    pause: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let producer = producer(stack);
+        for chunk in values.chunks(chunk) {
+            produce_keyed(&producer, &codec, &topic, chunk).await;
+            tokio::time::sleep(pause).await;
+        }
+    })
 }
 
 /// Writes `values` to `topic` under the given keys, all in flight at once (the idempotent

@@ -409,11 +409,7 @@ impl<P: Processor> StreamRuntime<P> {
         let _ = span.set_parent(parent);
         let advance = self.process_record(&message, &meta, &metrics, shutdown).instrument(span).await?;
         if advance {
-            if let Some(offsets) = self.pending_offsets.get_mut(&topic) {
-                offsets.insert(at.partition, at.offset + 1);
-            } else {
-                self.pending_offsets.insert(topic, BTreeMap::from([(at.partition, at.offset + 1)]));
-            }
+            self.pending_offsets.entry(topic).or_default().insert(at.partition, at.offset + 1);
         }
         metrics.processing.observe(started.elapsed().as_secs_f64());
         Ok(())
