@@ -6,19 +6,21 @@
 //! crashes, restarts and rebalances happened in between. Inputs whose `type` is the configured
 //! `reject_type` fail permanently (a poison record).
 
+use std::sync::Mutex;
+
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tributary_contracts::types::{Envelope, UsageEvent, UsageRecorded, WindowKind};
 use tributary_contracts::{Decimal6, topics};
 use tributary_runtime::{
-    BuildContext, Context, Output, ProcessError, Processor, Service, ServiceConfig, ServiceSection, StreamRuntime,
-    Timer, registry_codec, stream_settings,
+    BuildContext, Context, Output, ProcessError, Processor, Service, ServiceConfig, ServiceSection, Store, StoredValue,
+    StreamRuntime, Timer, registry_codec, stream_settings,
 };
 
 /// The service name (consumer group, DLQ `echo-service.dlq`).
 pub const NAME: &str = "echo-service";
 /// The store of running counts.
-pub const COUNTS: &str = "counts";
+pub const COUNTS: Store<Count> = Store::new("counts");
 /// The `dimensions` entry of each output that names its input event.
 pub const INPUT_EVENT: &str = "input_event_id";
 
@@ -38,18 +40,31 @@ pub struct EchoSettings {
     pub unavailable_type: Option<String>,
     /// How long the downstream of `unavailable_type` is unavailable.
     pub unavailable_for_ms: u64,
-    /// When set, the first input of an account schedules a follow-up timer this far ahead,
-    /// which emits a final record for the account.
+    /// When set, the first input of an account schedules a follow-up timer this far ahead (on
+    /// the runtime's clock), which emits a final record for the account.
     pub follow_up_after_ms: Option<u64>,
+    /// Inputs of this `type` call a slow downstream: the call takes `slow_for_ms`, and does
+    /// not end before the file `slow_gate` exists (when one is named), so that a test decides
+    /// when the slow call may finish.
+    pub slow_type: Option<String>,
+    /// How long a slow call takes at least.
+    pub slow_for_ms: u64,
+    /// A file whose existence ends the slow calls (after `slow_for_ms`).
+    pub slow_gate: Option<std::path::PathBuf>,
 }
 
 impl ServiceSection for EchoSettings {}
 
+/// A running count per account, as stored.
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct Count {
-    count: i64,
-    total: Decimal6,
+pub struct Count {
+    /// Inputs so far.
+    pub count: i64,
+    /// Sum of their quantities.
+    pub total: Decimal6,
 }
+
+impl StoredValue for Count {}
 
 /// The `dimensions` entry of a record emitted by the follow-up timer.
 pub const FOLLOW_UP: &str = "follow_up";
@@ -58,14 +73,24 @@ pub const FOLLOW_UP: &str = "follow_up";
 #[derive(Debug)]
 pub struct EchoProcessor {
     settings: EchoSettings,
-    flaky_attempts: std::collections::HashMap<String, u32>,
-    outage_started: Option<std::time::Instant>,
+    flaky_attempts: Mutex<std::collections::HashMap<String, u32>>,
+    outage_started: Mutex<Option<std::time::Instant>>,
 }
 
 impl EchoProcessor {
     /// A processor with `settings`.
     pub fn new(settings: EchoSettings) -> Self {
-        Self { settings, flaky_attempts: Default::default(), outage_started: None }
+        Self { settings, flaky_attempts: Default::default(), outage_started: Default::default() }
+    }
+
+    /// The slow downstream: at least `slow_for_ms`, and until the gate file exists.
+    async fn slow_call(&self) {
+        tokio::time::sleep(std::time::Duration::from_millis(self.settings.slow_for_ms)).await;
+        if let Some(gate) = &self.settings.slow_gate {
+            while !gate.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 
@@ -73,23 +98,32 @@ impl Processor for EchoProcessor {
     type Input = UsageEvent;
 
     fn stores(&self) -> Vec<&'static str> {
-        vec![COUNTS]
+        vec![COUNTS.name()]
     }
 
-    async fn process(&mut self, context: &mut Context<'_>, input: &UsageEvent) -> Result<(), ProcessError> {
+    fn outputs(&self) -> Vec<&'static str> {
+        vec![topics::USAGE_RECORDED]
+    }
+
+    async fn process(&self, context: &mut Context<'_>, input: &UsageEvent) -> Result<(), ProcessError> {
         if self.settings.reject_type.as_deref() == Some(input.r#type.as_str()) {
             return Err(ProcessError::permanent("validation", format!("events of type {} are refused", input.r#type)));
         }
         if self.settings.flaky_type.as_deref() == Some(input.r#type.as_str()) {
-            let attempts = self.flaky_attempts.entry(input.id.clone()).or_default();
-            *attempts += 1;
-            if *attempts <= self.settings.flaky_failures {
+            let attempts = {
+                let mut attempts = self.flaky_attempts.lock().expect("attempts lock");
+                let attempts = attempts.entry(input.id.clone()).or_default();
+                *attempts += 1;
+                *attempts
+            };
+            if attempts <= self.settings.flaky_failures {
                 return Err(ProcessError::retryable("flaky", format!("attempt {attempts} fails on purpose")));
             }
         }
         if self.settings.unavailable_type.as_deref() == Some(input.r#type.as_str()) {
             let until = std::time::Duration::from_millis(self.settings.unavailable_for_ms);
-            let outage_started = *self.outage_started.get_or_insert_with(std::time::Instant::now);
+            let outage_started =
+                *self.outage_started.lock().expect("outage lock").get_or_insert_with(std::time::Instant::now);
             if outage_started.elapsed() < until {
                 return Err(ProcessError::Unavailable {
                     downstream: "test-downstream",
@@ -97,6 +131,9 @@ impl Processor for EchoProcessor {
                     message: "in a maintenance window".into(),
                 });
             }
+        }
+        if self.settings.slow_type.as_deref() == Some(input.r#type.as_str()) {
+            self.slow_call().await;
         }
         let account = input.envelope.account_id.clone();
         let mut count: Count = context.get(COUNTS, &account)?.unwrap_or_default();
@@ -130,7 +167,7 @@ impl Processor for EchoProcessor {
         Ok(())
     }
 
-    async fn on_timer(&mut self, context: &mut Context<'_>, timer: &Timer) -> Result<(), ProcessError> {
+    async fn on_timer(&self, context: &mut Context<'_>, timer: &Timer) -> Result<(), ProcessError> {
         Self::follow_up(context, timer)
     }
 }
@@ -175,14 +212,9 @@ impl Service for EchoService {
 
     async fn build(config: ServiceConfig<EchoSettings>, context: &mut BuildContext) -> anyhow::Result<Self> {
         let processor = EchoProcessor::new(config.service.clone());
-        let runtime = StreamRuntime::new(
-            stream_settings(NAME, &config),
-            processor,
-            registry_codec(&config.registry)?,
-            context.metrics.clone(),
-            context.health.clone(),
-        )
-        .await?;
+        let runtime =
+            StreamRuntime::new(stream_settings(NAME, &config), processor, registry_codec(&config.registry)?, context)
+                .await?;
         Ok(Self { runtime })
     }
 

@@ -11,7 +11,7 @@ use tributary_contracts::codec::{Codec, Location};
 use tributary_contracts::registry::{RegistryClient, RegistryResolver};
 use tributary_contracts::types::{Envelope, UsageEvent};
 use tributary_contracts::{Contract, Decimal6};
-use tributary_runtime::stream::producer_config;
+use tributary_runtime::kafka::producer_config;
 
 use crate::Stack;
 

@@ -24,7 +24,7 @@ use tributary_contracts::codec::{Codec, reader_schema};
 use tributary_contracts::json::json_to_value;
 use tributary_contracts::registry::{RegistryClient, RegistryResolver};
 use tributary_contracts::topics::{self, KeyKind, TopicSpec};
-use tributary_runtime::stream::producer_config;
+use tributary_runtime::kafka::producer_config;
 
 use crate::Connections;
 

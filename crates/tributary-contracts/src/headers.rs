@@ -36,5 +36,7 @@ pub const DLQ_ATTEMPTS: &str = "dlq_attempts";
 pub const DLQ_FIRST_FAILURE_AT: &str = "dlq_first_failure_at";
 /// DLQ: the service that dead-lettered the record.
 pub const DLQ_SERVICE: &str = "dlq_service";
+/// DLQ: the key of a dead-lettered timer (its value holds the timer as JSON).
+pub const DLQ_TIMER_KEY: &str = "dlq_timer_key";
 /// Set on a record re-published by `tributary dlq replay`: the DLQ offset it came from.
 pub const REPLAYED_FROM: &str = "replayed_from";

@@ -187,6 +187,10 @@ pub struct RuntimeConfig {
     pub tick_interval: Duration,
     /// Transient-failure retries.
     pub retry: RetryConfig,
+    /// `system` (production) or `controlled`: the system clock plus an offset that
+    /// `tributary clock advance|set` moves for every controlled service of the deployment
+    /// (tests and the demo).
+    pub clock: crate::clock::ClockMode,
     /// A stable name of this instance, part of its transactional id: a restarted instance
     /// with the same name fences its predecessor. Defaults to `HOSTNAME` (the pod name).
     pub instance_id: String,
@@ -205,6 +209,7 @@ impl Default for RuntimeConfig {
             shutdown_grace: Duration::from_secs(20),
             tick_interval: Duration::from_secs(1),
             retry: RetryConfig::default(),
+            clock: crate::clock::ClockMode::System,
             instance_id: std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
         }
     }
@@ -386,6 +391,14 @@ fn validate_common<S>(config: &ServiceConfig<S>, errors: &mut Vec<String>) {
     }
     if config.runtime.commit_interval.is_zero() {
         errors.push("[runtime] commit_interval must be greater than zero".into());
+    }
+    // A transaction stays open for about one commit interval; it must stay far below the
+    // broker's limit on an open transaction (see transaction.rs).
+    if config.runtime.commit_interval > crate::transaction::TRANSACTION_TIMEOUT / 4 {
+        errors.push(format!(
+            "[runtime] commit_interval must be at most {:?}, a quarter of the transaction timeout",
+            crate::transaction::TRANSACTION_TIMEOUT / 4
+        ));
     }
     if config.runtime.max_batch_records == 0 {
         errors.push("[runtime] max_batch_records must be at least 1".into());

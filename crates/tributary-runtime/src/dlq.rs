@@ -196,7 +196,7 @@ pub async fn replay(
         return Ok(report);
     }
     let producer: FutureProducer =
-        crate::stream::producer_config(kafka).set("enable.idempotence", "true").set("acks", "all").create()?;
+        crate::kafka::producer_config(kafka).set("enable.idempotence", "true").set("acks", "all").create()?;
     for entry in selected {
         let letter = entry.letter.as_ref().expect("the filter passes only entries with DLQ headers");
         let topic = target.unwrap_or(&letter.source.topic);

@@ -22,6 +22,54 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     config
 }
 
+/// Producer settings shared by the runtime, the tools and the tests.
+pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut config = client_config(kafka);
+    // The Java client's partitioner, so that platforms writing with Java and our services put
+    // one account in the same partition number of every topic.
+    config.set("partitioner", "murmur2_random");
+    config.set("linger.ms", "5");
+    config
+}
+
+/// The partition the Java client's default partitioner (and librdkafka's `murmur2_random`)
+/// gives `key` among `partitions`: the positive murmur2 hash modulo the count.
+pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) as i32 % partitions.max(1)
+}
+
+/// Kafka's murmur2 (`org.apache.kafka.common.utils.Utils.murmur2`), seed 0x9747b28c.
+fn murmur2(data: &[u8]) -> u32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
 /// Errors reaching the cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSetupError {
@@ -72,18 +120,25 @@ pub enum TopicKind {
     Events,
     /// A compacted topic that keeps the latest record per key (changelogs, reference data).
     Compacted,
+    /// A compacted topic of one partition for a setting of the whole deployment (the
+    /// controlled clock): one partition keeps its records in one order.
+    Control,
 }
 
 /// Creates the topics that do not exist yet; existing ones are left as they are.
 pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, TopicKind)]) -> Result<(), KafkaSetupError> {
+    if topics.is_empty() {
+        return Ok(());
+    }
     let admin: AdminClient<DefaultClientContext> = client_config(kafka).create().map_err(KafkaSetupError::Client)?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(name, kind)| {
-            let topic = NewTopic::new(name, kafka.partitions, TopicReplication::Fixed(kafka.replication_factor));
+            let partitions = if *kind == TopicKind::Control { 1 } else { kafka.partitions };
+            let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(kafka.replication_factor));
             match kind {
                 TopicKind::Events => topic,
-                TopicKind::Compacted => topic.set("cleanup.policy", "compact"),
+                TopicKind::Compacted | TopicKind::Control => topic.set("cleanup.policy", "compact"),
             }
         })
         .collect();
@@ -256,5 +311,27 @@ pub async fn read_to_end(
             on_record(&message?);
             read += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Kafka's UtilsTest.testMurmur2.
+        let cases: [(&str, i32); 6] = [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
+            ("abc", 479_470_107),
+        ];
+        for (key, expected) in cases {
+            assert_eq!(murmur2(key.as_bytes()) as i32, expected, "{key}");
+        }
+        assert_eq!(partition_of(b"foobar", 3), (-790_332_482_i32 & 0x7fff_ffff) % 3);
     }
 }

@@ -7,28 +7,49 @@
 //! - [`config`]: typed configuration, layered defaults → file → environment.
 //! - [`service`]: the [`Service`](service::Service) trait and the shared `main`.
 //! - [`processor`]: what a service writes: inputs, outputs, context, errors, timers.
-//! - [`stream`]: the exactly-once loop: transactions, restore, retries, DLQ, pause, shutdown.
-//! - [`state`]: keyed state per partition with changelog-backed layers.
-//! - [`dlq`]: dead-letter headers; [`retry`]: backoff with jitter.
+//! - [`clock`]: the one clock (system, or controlled by `tributary clock`).
+//! - [`stream`]: the exactly-once loop, which reads as the algorithm; its parts:
+//!   [`engine`] (one attempt at a record or timer and what its outcome means, shared with the
+//!   test driver), [`transaction`] (the transactional producer), [`rebalance`] (assignment and
+//!   restore).
+//! - [`state`]: keyed, versioned state per partition with changelog-backed layers and a
+//!   due-time index of timers.
+//! - [`testing`]: the processor test driver: no broker, the same semantics as the loop.
+//! - [`dlq`]: dead-letter headers, listing and replay; [`retry`]: backoff with jitter.
 //! - [`table`]: refdata topics held whole in memory by every instance (global tables).
 //! - [`kafka`]: librdkafka client configuration, broker checks, topic creation.
 
+pub mod clock;
 pub mod config;
 pub mod dlq;
+pub mod engine;
 pub mod kafka;
 pub mod processor;
+mod rebalance;
 pub mod retry;
 pub mod service;
 pub mod state;
 pub mod stream;
 pub mod table;
+pub mod testing;
+mod transaction;
 
 use std::sync::Arc;
 
+pub use clock::Clock;
 pub use config::{ServiceConfig, ServiceSection};
-pub use processor::{Context, Input, Output, ProcessError, Processor, Timer};
+pub use processor::{Context, ErrorDomain, Input, Output, ProcessError, Processor, Timer};
 pub use service::{BuildContext, Service};
+pub use state::{Store, StoredValue};
 pub use stream::{StreamRuntime, StreamSettings};
+
+/// What [`input_enum!`] expands to refers to; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use tributary_contracts::Contract;
+    pub use tributary_contracts::codec::{Codec, DecodeError, Location};
+    pub use tributary_contracts::types::Envelope;
+}
 
 use tributary_contracts::codec::Codec;
 use tributary_contracts::registry::{RegistryClient, RegistryResolver};

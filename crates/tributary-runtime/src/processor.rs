@@ -2,28 +2,31 @@
 //!
 //! A processor never touches Kafka. It reads and writes keyed state through the [`Context`],
 //! emits [`Output`]s, schedules timers, and returns a [`ProcessError`] that tells the runtime
-//! what to do on failure: retry, dead-letter, or pause the partition while a downstream system
-//! is down. The runtime commits the outputs, the state changes, the idempotency key and the
-//! input offset in one Kafka transaction, or none of them.
+//! what to do on failure: retry, dead-letter, pause the partition while a downstream system is
+//! down, or stop the partition on a bug of ours. The runtime commits the outputs, the state
+//! changes, the idempotency key and the input offset in one Kafka transaction, or none of them.
+//!
+//! Records of different partitions may be processed at the same time (a processor that calls a
+//! slow system only holds up its own partition), so `process` takes `&self`: a processor keeps
+//! its state in the stores, and anything else it shares (counters, clients) is thread-safe.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tributary_contracts::codec::{Codec, DecodeError, EncodeError, Location};
 use tributary_contracts::{Contract, types::Envelope};
 
-use crate::state::{StateError, TxnState};
+use crate::state::{Staged, StateError, Store, StoredValue};
 
-/// A decodable input: one contract type, or an enum over several (a service reading several
-/// topics implements this for its own enum).
-pub trait Input: Sized + Send + 'static {
+/// A decodable input: one contract type, or an enum over several, declared with
+/// [`input_enum!`](crate::input_enum).
+pub trait Input: Sized + Send + Sync + 'static {
     /// The topics this input is read from.
     fn topics() -> Vec<&'static str>;
-    /// Decodes the value read at `at`.
+    /// Decodes the value read at `at` (whose topic is the contract's, without a deployment's
+    /// prefix).
     fn decode(codec: &Codec, at: &Location, payload: &[u8]) -> impl Future<Output = Result<Self, DecodeError>> + Send;
     /// The envelope of the decoded value.
     fn envelope(&self) -> &Envelope;
@@ -41,6 +44,66 @@ impl<T: Contract + 'static> Input for T {
     fn envelope(&self) -> &Envelope {
         Contract::envelope(self)
     }
+}
+
+/// Declares an input enum over several contract types, one variant per topic, and its
+/// [`Input`] implementation:
+///
+/// ```ignore
+/// tributary_runtime::input_enum! {
+///     /// What billing-router reads.
+///     pub enum RouterInput {
+///         /// A threshold crossing.
+///         Threshold(UsageThresholdCrossed),
+///         /// A running total.
+///         Recorded(UsageRecorded),
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! input_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$variant_meta:meta])* $variant:ident($ty:ty)),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone)]
+        $vis enum $name {
+            $($(#[$variant_meta])* $variant($ty)),+
+        }
+
+        impl $crate::processor::Input for $name {
+            fn topics() -> ::std::vec::Vec<&'static str> {
+                ::std::vec![$(<$ty as $crate::__private::Contract>::TOPIC),+]
+            }
+
+            async fn decode(
+                codec: &$crate::__private::Codec,
+                at: &$crate::__private::Location,
+                payload: &[u8],
+            ) -> ::std::result::Result<Self, $crate::__private::DecodeError> {
+                $(
+                    if at.topic == <$ty as $crate::__private::Contract>::TOPIC {
+                        return codec.decode::<$ty>(at, payload).await.map(Self::$variant);
+                    }
+                )+
+                Err($crate::__private::DecodeError::Unresolvable {
+                    at: at.clone(),
+                    id: 0,
+                    reader: ::std::stringify!($name).to_owned(),
+                    reason: ::std::format!("topic {} is not an input of {}", at.topic, ::std::stringify!($name)),
+                })
+            }
+
+            fn envelope(&self) -> &$crate::__private::Envelope {
+                match self {
+                    $(Self::$variant(value) => <$ty as $crate::__private::Contract>::envelope(value)),+
+                }
+            }
+        }
+    };
 }
 
 /// A record to write: topic, key and an encodable value.
@@ -85,6 +148,21 @@ impl<T: Contract + 'static> EncodeOutput for T {
     }
 }
 
+/// Who is at fault when processing fails: it decides what the runtime does (the error domains
+/// of a streaming engine: user input, an external system, ourselves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorDomain {
+    /// The input can never succeed: dead-letter it.
+    Input,
+    /// Something passing failed: retry with backoff, then dead-letter.
+    Transient,
+    /// A downstream system is down: pause the partition, never dead-letter.
+    Downstream,
+    /// A bug of ours (state that cannot be read, an undeclared output): stop the partition and
+    /// alert; the input is not at fault and is not dead-lettered.
+    Internal,
+}
+
 /// Why processing failed, and what the runtime should do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -115,6 +193,15 @@ pub enum ProcessError {
         /// Why.
         message: String,
     },
+    /// A bug of ours: the partition stops (paused, alerting metric, error log) until the
+    /// service is fixed and restarted; the record stays where it is.
+    #[error("internal error {class}: {message}")]
+    Internal {
+        /// A bounded error class.
+        class: &'static str,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl ProcessError {
@@ -128,18 +215,33 @@ impl ProcessError {
         Self::Retryable { class, message: message.into() }
     }
 
+    /// An internal error.
+    pub fn internal(class: &'static str, message: impl Into<String>) -> Self {
+        Self::Internal { class, message: message.into() }
+    }
+
     /// The error class.
     pub fn class(&self) -> &'static str {
         match self {
-            Self::Permanent { class, .. } | Self::Retryable { class, .. } => class,
+            Self::Permanent { class, .. } | Self::Retryable { class, .. } | Self::Internal { class, .. } => class,
             Self::Unavailable { .. } => "downstream_unavailable",
+        }
+    }
+
+    /// Whose fault it is.
+    pub fn domain(&self) -> ErrorDomain {
+        match self {
+            Self::Permanent { .. } => ErrorDomain::Input,
+            Self::Retryable { .. } => ErrorDomain::Transient,
+            Self::Unavailable { .. } => ErrorDomain::Downstream,
+            Self::Internal { .. } => ErrorDomain::Internal,
         }
     }
 }
 
 impl From<StateError> for ProcessError {
     fn from(error: StateError) -> Self {
-        Self::permanent("state", error.to_string())
+        Self::internal("state", error.to_string())
     }
 }
 
@@ -159,7 +261,7 @@ pub struct Timer {
 /// Where the current record came from.
 #[derive(Debug, Clone)]
 pub struct RecordMeta {
-    /// Topic, partition, offset.
+    /// Topic (as the contract names it, without a deployment's prefix), partition, offset.
     pub location: Location,
     /// The Kafka key.
     pub key: Option<String>,
@@ -173,12 +275,13 @@ pub struct Context<'a> {
     pub(crate) now: DateTime<Utc>,
     pub(crate) partition: i32,
     pub(crate) record: Option<&'a RecordMeta>,
-    pub(crate) state: &'a mut TxnState,
+    pub(crate) state: &'a mut Staged,
     pub(crate) outputs: Vec<Output>,
 }
 
 impl Context<'_> {
-    /// The processing time (wall clock, read once per record).
+    /// Now, on the runtime's clock (the system clock in production, the controlled clock in
+    /// tests and the demo). Read once per record or timer.
     pub fn now(&self) -> DateTime<Utc> {
         self.now
     }
@@ -193,58 +296,64 @@ impl Context<'_> {
         self.record
     }
 
-    /// Emits an output; written in the transaction that commits this record.
+    /// Emits an output; written in the transaction that commits this record. Its topic must
+    /// be one of [`Processor::outputs`].
     pub fn emit(&mut self, output: Output) {
         self.outputs.push(output);
     }
 
     /// Reads `key` from `store` on this partition.
-    pub fn get<V: DeserializeOwned>(&self, store: &str, key: &str) -> Result<Option<V>, StateError> {
-        self.state.get(store, self.partition, key)
+    pub fn get<V: StoredValue>(&self, store: Store<V>, key: &str) -> Result<Option<V>, StateError> {
+        self.state.get(store.name(), key)
     }
 
     /// Writes `key` in `store` on this partition.
-    pub fn put<V: Serialize>(&mut self, store: &str, key: &str, value: &V) -> Result<(), StateError> {
-        self.state.put(store, self.partition, key, value)
+    pub fn put<V: StoredValue>(&mut self, store: Store<V>, key: &str, value: &V) -> Result<(), StateError> {
+        self.state.put(store.name(), key, value)
     }
 
     /// The entries of `store` on this partition (committed and pending) whose key starts with
     /// `prefix`, in key order. Costs a pass over the store's keys: meant for timers that sweep
     /// (flushes, window closes), not for every record.
-    pub fn scan_prefix<V: DeserializeOwned>(&self, store: &str, prefix: &str) -> Vec<(String, V)> {
-        self.state.scan(store, self.partition, prefix, |_, _| true)
+    pub fn scan_prefix<V: StoredValue>(&self, store: Store<V>, prefix: &str) -> Result<Vec<(String, V)>, StateError> {
+        self.state.scan(store.name(), prefix)
     }
 
     /// Deletes `key` from `store` on this partition.
-    pub fn delete(&mut self, store: &str, key: &str) {
-        self.state.delete(store, self.partition, key);
+    pub fn delete<V>(&mut self, store: Store<V>, key: &str) {
+        self.state.delete(store.name(), key);
     }
 
-    /// Schedules (or moves) the timer `key` on this partition to fire at `due_at`.
+    /// Schedules (or moves) the timer `key` on this partition to fire at `due_at` on the
+    /// runtime's clock.
     pub fn schedule(&mut self, key: &str, due_at: DateTime<Utc>, payload: serde_json::Value) -> Result<(), StateError> {
-        self.state.schedule(self.partition, key, due_at, payload)
+        self.state.schedule(key, due_at, payload)
     }
 
     /// When the timer `key` on this partition is due, if it is scheduled.
     pub fn scheduled(&self, key: &str) -> Result<Option<DateTime<Utc>>, StateError> {
-        self.state.scheduled(self.partition, key)
+        self.state.scheduled(key)
     }
 
     /// Cancels the timer `key` on this partition.
     pub fn cancel(&mut self, key: &str) {
-        self.state.cancel(self.partition, key);
+        self.state.cancel(key);
     }
 }
 
 /// A service's logic.
-pub trait Processor: Send + 'static {
+pub trait Processor: Send + Sync + 'static {
     /// What it reads.
     type Input: Input;
 
-    /// The state stores it uses (each backed by a changelog topic).
+    /// The state stores it uses (each backed by a changelog topic), by name.
     fn stores(&self) -> Vec<&'static str> {
         Vec::new()
     }
+
+    /// The topics it writes (the runtime creates them; emitting to any other is a bug that
+    /// stops the partition).
+    fn outputs(&self) -> Vec<&'static str>;
 
     /// The idempotency key of an input: by default `source` and `event_id` of its envelope.
     /// `None` processes the input without a duplicate check.
@@ -255,14 +364,15 @@ pub trait Processor: Send + 'static {
 
     /// Handles one input.
     fn process(
-        &mut self,
+        &self,
         context: &mut Context<'_>,
         input: &Self::Input,
     ) -> impl Future<Output = Result<(), ProcessError>> + Send;
 
-    /// Handles a timer that came due; by default nothing.
+    /// Handles a timer that came due; by default nothing. Unless the handler schedules it
+    /// again, the timer is gone once the handler succeeds.
     fn on_timer(
-        &mut self,
+        &self,
         context: &mut Context<'_>,
         timer: &Timer,
     ) -> impl Future<Output = Result<(), ProcessError>> + Send {

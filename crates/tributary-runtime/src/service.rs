@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tributary_telemetry::{AdminServer, Health, ServiceMetrics};
 
+use crate::clock::Clock;
 use crate::config::{ConfigSource, ServiceConfig, ServiceSection};
 
 /// What a service hands the harness, and what the harness hands the service while it builds.
@@ -29,6 +30,33 @@ pub struct BuildContext {
     pub metrics: ServiceMetrics,
     /// Health flags: the service sets ready once it can do its work.
     pub health: Health,
+    /// The one clock of the service: every "now" of the runtime and of its logic.
+    pub clock: Clock,
+    /// The addresses the service's own listeners are bound to, by name (see [`listen`](Self::listen)).
+    bound: Vec<(&'static str, SocketAddr)>,
+}
+
+impl BuildContext {
+    /// A context for `service` on `clock`, with a registry of its own and the common metrics
+    /// registered; for running a stream runtime outside [`main`] and [`spawn`] (benchmarks).
+    pub fn new(service: &str, clock: Clock) -> Self {
+        let mut registry = Registry::default();
+        let metrics = ServiceMetrics::register(&mut registry, service);
+        clock.register_metrics(&mut registry);
+        Self { registry, metrics, health: Health::new(), clock, bound: Vec::new() }
+    }
+
+    /// Binds a listener of the service's, named `name` (e.g. `http`). Port 0 takes a free port;
+    /// the bound address is reported by [`RunningService::address`] and in the addresses file.
+    pub async fn listen(&mut self, name: &'static str, address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the {name} listener {address}"))?;
+        let bound = listener.local_addr()?;
+        tracing::info!(listener = name, address = %bound, "listening");
+        self.bound.push((name, bound));
+        Ok(listener)
+    }
 }
 
 /// A Tributary service: a library with a build step and a run loop.
@@ -58,11 +86,19 @@ pub struct RunningService {
     pub admin_addr: SocketAddr,
     /// Its health flags.
     pub health: Health,
+    /// Its clock.
+    pub clock: Clock,
+    bound: Vec<(&'static str, SocketAddr)>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl RunningService {
+    /// Where the service's listener `name` is bound (`admin` is the admin port).
+    pub fn address(&self, name: &str) -> Option<SocketAddr> {
+        self.bound.iter().find(|(bound, _)| *bound == name).map(|(_, address)| *address)
+    }
+
     /// Asks the service to stop, as SIGTERM would, and waits for it.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
@@ -78,27 +114,55 @@ impl RunningService {
 /// Builds `S` with `config` and runs it in the current Tokio runtime, with its admin port.
 pub async fn spawn<S: Service>(config: ServiceConfig<S::Settings>) -> anyhow::Result<RunningService> {
     let shutdown = CancellationToken::new();
-    let (admin_addr, health, task) = start::<S>(config, shutdown.clone()).await?;
-    Ok(RunningService { admin_addr, health, shutdown, task })
+    let started = start::<S>(config, shutdown.clone(), None).await?;
+    Ok(RunningService {
+        admin_addr: started.admin_addr,
+        health: started.health,
+        clock: started.clock,
+        bound: started.bound,
+        shutdown,
+        task: started.task,
+    })
+}
+
+/// A started service, as [`start`] hands it back.
+struct Started {
+    admin_addr: SocketAddr,
+    health: Health,
+    clock: Clock,
+    bound: Vec<(&'static str, SocketAddr)>,
+    task: JoinHandle<anyhow::Result<()>>,
 }
 
 async fn start<S: Service>(
     config: ServiceConfig<S::Settings>,
     shutdown: CancellationToken,
-) -> anyhow::Result<(SocketAddr, Health, JoinHandle<anyhow::Result<()>>)> {
-    let mut registry = Registry::default();
-    let metrics = ServiceMetrics::register(&mut registry, S::NAME);
-    let health = Health::new();
+    addresses_file: Option<PathBuf>,
+) -> anyhow::Result<Started> {
+    let clock = Clock::for_mode(config.runtime.clock);
+    let mut context = BuildContext::new(S::NAME, clock.clone());
+    let health = context.health.clone();
+    let clock_task = clock.is_controlled().then(|| {
+        tracing::warn!(
+            service = S::NAME,
+            "runtime.clock = \"controlled\": time follows `tributary clock`, not the system clock (never in production)"
+        );
+        tokio::spawn(crate::clock::follow(clock.clone(), config.kafka.clone(), shutdown.clone()))
+    });
     let admin_listen =
         config.admin.listen.unwrap_or_else(|| SocketAddr::from((Ipv4Addr::LOCALHOST, S::DEFAULT_ADMIN_PORT)));
     let grace = config.runtime.shutdown_grace;
-    let mut context = BuildContext { registry, metrics, health: health.clone() };
     let service = S::build(config, &mut context).await.with_context(|| format!("building {}", S::NAME))?;
 
     let admin = AdminServer::bind(admin_listen, Arc::new(context.registry), health.clone())
         .await
         .with_context(|| format!("binding the admin port {admin_listen}"))?;
     let admin_addr = admin.local_addr()?;
+    let mut bound = context.bound;
+    bound.insert(0, ("admin", admin_addr));
+    if let Some(path) = addresses_file {
+        write_addresses(&path, &bound)?;
+    }
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin.serve(admin_stop.clone().cancelled_owned()));
 
@@ -124,10 +188,26 @@ async fn start<S: Service>(
         task_health.set_stopping();
         admin_stop.cancel();
         let _ = admin_task.await;
+        if let Some(clock_task) = clock_task {
+            clock_task.abort();
+        }
         outcome.context("service run loop panicked")?
     });
     tracing::info!(service = S::NAME, admin = %admin_addr, "started");
-    Ok((admin_addr, health, task))
+    Ok(Started { admin_addr, health, clock, bound, task })
+}
+
+/// Writes the bound addresses as a JSON object (`{"admin": "127.0.0.1:41234", ...}`), so that
+/// whoever started the binary with port 0 finds its ports.
+fn write_addresses(path: &std::path::Path, bound: &[(&'static str, SocketAddr)]) -> anyhow::Result<()> {
+    let addresses: serde_json::Map<String, serde_json::Value> =
+        bound.iter().map(|(name, address)| ((*name).to_owned(), address.to_string().into())).collect();
+    let temporary = path.with_extension("partial");
+    std::fs::write(&temporary, serde_json::to_vec(&addresses)?)
+        .with_context(|| format!("writing {}", temporary.display()))?;
+    // Renamed into place, so that a reader never sees half a file.
+    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 /// Command-line arguments common to every service binary.
@@ -139,6 +219,10 @@ struct Args {
     /// Load and check the configuration, print it (secrets redacted), and exit.
     #[arg(long)]
     check_config: bool,
+    /// Once bound, write the addresses of the admin port and the service's listeners to this
+    /// file as JSON, e.g. `{"admin": "127.0.0.1:41234"}` (for listeners configured on port 0).
+    #[arg(long, env = "TRIBUTARY_ADDRESSES_FILE")]
+    addresses_file: Option<PathBuf>,
 }
 
 /// The whole `main` of a service binary.
@@ -175,8 +259,8 @@ pub fn main<S: Service>() -> ExitCode {
         };
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        let outcome = match start::<S>(config, shutdown).await {
-            Ok((_, _, task)) => task.await.map_err(anyhow::Error::from).and_then(|r| r),
+        let outcome = match start::<S>(config, shutdown, args.addresses_file).await {
+            Ok(started) => started.task.await.map_err(anyhow::Error::from).and_then(|r| r),
             Err(error) => Err(error),
         };
         match outcome {

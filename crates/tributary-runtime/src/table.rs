@@ -15,6 +15,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::future::BoxFuture;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -169,17 +170,17 @@ impl<T: Reference> ReferenceTable<T> {
         true
     }
 
-    /// Waits until the table holds everything the topic held when [`follow`](Self::follow)
-    /// started.
+    /// Waits until the table holds everything the topic held when following began.
     pub async fn caught_up(&self) {
         let mut receiver = self.shared.caught_up.subscribe();
         let _ = receiver.wait_for(|caught_up| *caught_up).await;
     }
 
-    /// Reads the topic of `T` from the beginning and keeps following it until `shutdown`.
+    /// Reads the topic of `T` from the beginning and keeps following it until `shutdown` (the
+    /// stream runtime does this for the tables it is given, see [`FollowedTable`]).
     /// A record that cannot be decoded is logged with its location and skipped: refdata has
     /// a single writer per topic, and the table must keep serving the rows it has.
-    pub async fn follow(self, kafka: KafkaConfig, codec: Codec, shutdown: CancellationToken) -> anyhow::Result<()> {
+    async fn follow_topic(self, kafka: KafkaConfig, codec: Codec, shutdown: CancellationToken) -> anyhow::Result<()> {
         let topic = kafka.topic(T::TOPIC);
         let consumer: StreamConsumer = client_config(&kafka)
             .set("group.id", format!("tributary-table-{}", uuid::Uuid::new_v4().simple()))
@@ -238,6 +239,42 @@ impl<T: Reference> ReferenceTable<T> {
             };
             self.apply(&key, value);
         }
+    }
+}
+
+/// A reference table as the stream runtime holds it: followed from the start of its topic,
+/// waited for before the first record is processed.
+pub trait FollowedTable: Send + Sync + 'static {
+    /// The refdata topic (as the contracts name it).
+    fn topic(&self) -> &'static str;
+    /// Follows the topic until `shutdown`.
+    fn follow(
+        &self,
+        kafka: KafkaConfig,
+        codec: Codec,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, anyhow::Result<()>>;
+    /// Resolves once the table has caught up with what its topic held when following began.
+    fn caught_up(&self) -> BoxFuture<'static, ()>;
+}
+
+impl<T: Reference> FollowedTable for ReferenceTable<T> {
+    fn topic(&self) -> &'static str {
+        T::TOPIC
+    }
+
+    fn follow(
+        &self,
+        kafka: KafkaConfig,
+        codec: Codec,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, anyhow::Result<()>> {
+        Box::pin(self.clone().follow_topic(kafka, codec, shutdown))
+    }
+
+    fn caught_up(&self) -> BoxFuture<'static, ()> {
+        let table = self.clone();
+        Box::pin(async move { table.caught_up().await })
     }
 }
 

@@ -124,6 +124,9 @@ pub struct ServiceMetrics {
     pub circuit_state: Family<CircuitLabels, Gauge>,
     /// State records restored from changelogs on partition assignment.
     pub state_records_restored: Family<TopicLabels, Counter>,
+    /// Partitions stopped by an internal error (state that cannot be read, a panic): each needs
+    /// a fix and a restart. Alert on anything above zero.
+    pub partitions_stopped: Counter,
 }
 
 impl ServiceMetrics {
@@ -144,6 +147,7 @@ impl ServiceMetrics {
             consumer_lag: Family::default(),
             circuit_state: Family::default(),
             state_records_restored: Family::default(),
+            partitions_stopped: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix(METRIC_PREFIX);
         let info: Family<InfoLabels, Gauge> = Family::default();
@@ -181,6 +185,11 @@ impl ServiceMetrics {
             "circuit_state",
             "Circuit breaker state: 0 closed, 1 half-open, 2 open",
             metrics.circuit_state.clone(),
+        );
+        r.register(
+            "partitions_stopped",
+            "Partitions stopped by an internal error until the service is fixed and restarted",
+            metrics.partitions_stopped.clone(),
         );
         r.register(
             "state_records_restored",

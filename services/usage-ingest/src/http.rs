@@ -83,6 +83,8 @@ pub struct Ingress {
     pub topic: String,
     /// Encoder of the values.
     pub codec: Codec,
+    /// The service's clock: what "now" is for the time bounds and `received_at`.
+    pub clock: tributary_runtime::Clock,
     /// Metrics.
     pub metrics: HttpMetrics,
 }
@@ -100,7 +102,7 @@ impl std::fmt::Debug for Ingress {
 /// `timeout`: a request is answered 503 then, instead of hanging for librdkafka's default of
 /// five minutes while Kafka is unreachable.
 pub fn producer(kafka: &KafkaConfig, timeout: Duration) -> anyhow::Result<FutureProducer> {
-    Ok(tributary_runtime::stream::producer_config(kafka)
+    Ok(tributary_runtime::kafka::producer_config(kafka)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.timeout.ms", timeout.as_millis().max(1).to_string())
@@ -284,7 +286,7 @@ async fn ingest(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: B
         );
     }
 
-    let now = Utc::now();
+    let now = ingress.clock.now();
     let correlation_id = headers.get(CORRELATION_HEADER).and_then(|v| v.to_str().ok());
     let mut accepted = Vec::with_capacity(events.len());
     let mut rejected = Vec::new();
@@ -390,6 +392,7 @@ mod tests {
             producer: producer(&kafka, timeout).unwrap(),
             topic: topics::USAGE_EVENTS.into(),
             codec: Codec::new(Arc::new(resolver)),
+            clock: tributary_runtime::Clock::system(),
             metrics: HttpMetrics::default(),
         })
     }

@@ -21,11 +21,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
-use tributary_contracts::codec::Codec;
 use tributary_contracts::topics;
-use tributary_contracts::types::Contract;
-use tributary_runtime::config::KafkaConfig;
-use tributary_runtime::kafka::{TopicKind, ensure_topics};
 use tributary_runtime::table::ReferenceTable;
 use tributary_runtime::{BuildContext, Service, ServiceConfig, StreamRuntime, registry_codec, stream_settings};
 
@@ -40,9 +36,6 @@ pub const NAME: &str = "usage-ingest";
 #[derive(Debug)]
 pub struct App {
     runtime: StreamRuntime<UsageProcessor>,
-    contracts: ReferenceTable<Contract>,
-    kafka: KafkaConfig,
-    codec: Codec,
     http: Option<(tokio::net::TcpListener, axum::Router)>,
 }
 
@@ -90,27 +83,15 @@ impl Service for App {
         let meters = Arc::new(Meters::compile(&settings.meters).map_err(|errors| anyhow::anyhow!(errors.join("; ")))?);
         let (counters, http_metrics, contract_rows) = Self::register_metrics(context);
         let kafka = config.kafka.clone();
-        let owned: Vec<String> = [topics::USAGE_RECORDED, topics::USAGE_THRESHOLDS, topics::USAGE_LATE]
-            .iter()
-            .map(|t| kafka.topic(t))
-            .collect();
-        let contracts_topic = kafka.topic(topics::REFDATA_CONTRACTS);
-        let mut wanted: Vec<(&str, TopicKind)> = owned.iter().map(|t| (t.as_str(), TopicKind::Events)).collect();
-        wanted.push((&contracts_topic, TopicKind::Compacted));
-        ensure_topics(&kafka, &wanted).await.context("creating usage-ingest's topics")?;
-
         let codec = registry_codec(&config.registry)?;
         let contracts = ReferenceTable::new(contract_index);
         contracts.observe_rows(contract_rows);
         let processor = UsageProcessor::new(meters.clone(), contracts.clone(), settings.clone(), counters);
-        let runtime = StreamRuntime::new(
-            stream_settings(NAME, &config),
-            processor,
-            codec.clone(),
-            context.metrics.clone(),
-            context.health.clone(),
-        )
-        .await?;
+        // Contracts published before an event must be visible to it: the runtime processes no
+        // event before the table has read what refdata.contracts held at start-up.
+        let runtime = StreamRuntime::new(stream_settings(NAME, &config), processor, codec.clone(), context)
+            .await?
+            .with_table(contracts);
 
         let http = if settings.http.enabled {
             let ingress = http::Ingress {
@@ -121,46 +102,30 @@ impl Service for App {
                 produce_timeout: settings.http.produce_timeout,
                 producer: http::producer(&kafka, settings.http.produce_timeout)?,
                 topic: kafka.topic(topics::USAGE_EVENTS),
-                codec: codec.clone().with_topic_prefix(&kafka.topic_prefix),
+                codec: codec.with_topic_prefix(&kafka.topic_prefix),
+                clock: context.clock.clone(),
                 metrics: http_metrics,
             };
-            let listener = tokio::net::TcpListener::bind(settings.http.listen)
-                .await
-                .with_context(|| format!("binding the HTTP endpoint {}", settings.http.listen))?;
-            tracing::info!(listen = %listener.local_addr()?, "HTTP ingestion endpoint bound");
+            let listener = context.listen("http", settings.http.listen).await?;
             Some((listener, http::router(Arc::new(ingress), settings.http.max_body_bytes)))
         } else {
             None
         };
-        Ok(Self { runtime, contracts, kafka, codec: codec.with_topic_prefix(&config.kafka.topic_prefix), http })
+        Ok(Self { runtime, http })
     }
 
     async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { runtime, contracts, kafka, codec, http } = self;
+        let Self { runtime, http } = self;
         let http_task = http.map(|(listener, router)| {
             let stop = shutdown.clone();
             tokio::spawn(
                 async move { axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await },
             )
         });
-        let mut table = tokio::spawn(contracts.clone().follow(kafka, codec, shutdown.clone()));
-        // Contracts published before an event must be visible to it: no event is processed
-        // before the table has read what refdata.contracts held at start-up.
-        let (outcome, table_joined) = tokio::select! {
-            () = shutdown.cancelled() => (Ok(()), false),
-            () = contracts.caught_up() => (runtime.run(shutdown.clone()).await, false),
-            finished = &mut table => (Err(match finished {
-                Ok(Ok(())) => anyhow::anyhow!("the contracts table stopped before it caught up"),
-                Ok(Err(error)) => error.context("following refdata.contracts"),
-                Err(panicked) => anyhow::Error::from(panicked).context("reference table task panicked"),
-            }), true),
-        };
+        let outcome = runtime.run(shutdown.clone()).await;
         shutdown.cancel();
         if let Some(task) = http_task {
             task.await.context("HTTP task panicked")?.context("HTTP endpoint")?;
-        }
-        if !table_joined {
-            table.await.context("reference table task panicked")?.context("following refdata.contracts")?;
         }
         outcome
     }

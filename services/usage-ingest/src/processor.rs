@@ -24,12 +24,13 @@ use prometheus_client::metrics::counter::Counter;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tributary_contracts::decimal::Decimal6;
+use tributary_contracts::topics;
 use tributary_contracts::types::{
     Contract, ContractStatus, Envelope, LateReason, MissedWindow, UsageEvent, UsageLate, UsageRecorded,
     UsageThresholdCrossed, WindowKind,
 };
 use tributary_runtime::table::ReferenceTable;
-use tributary_runtime::{Context, Output, ProcessError, Processor, Timer};
+use tributary_runtime::{Context, Output, ProcessError, Processor, Store, StoredValue, Timer};
 
 use crate::meters::{Aggregation, Measurement, MeterDefinition, Meters, Reading, TimeBounds};
 use crate::settings::Settings;
@@ -38,9 +39,9 @@ use crate::windows::{self, Window};
 /// The `source` of every record usage-ingest writes.
 pub const SOURCE: &str = "tributary.usage-ingest";
 /// Store of aggregates, keyed by [`aggregate_key`].
-pub const AGGREGATES: &str = "aggregates";
-/// Store of aggregates changed since their last `usage.recorded`.
-pub const DIRTY: &str = "dirty";
+pub const AGGREGATES: Store<Aggregate> = Store::new("aggregates");
+/// Store of aggregates changed since their last `usage.recorded` (the value is unused).
+pub const DIRTY: Store<i64> = Store::new("dirty");
 const FLUSH_TIMER: &str = "flush";
 const CLOSE_TIMER_PREFIX: &str = "close/";
 
@@ -80,7 +81,7 @@ struct Thresholds {
 
 /// One running total, as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Aggregate {
+pub struct Aggregate {
     account_id: String,
     subscription_id: Option<String>,
     contract_id: Option<String>,
@@ -108,6 +109,8 @@ struct Aggregate {
     /// The last event folded in: the cause of the next `usage.recorded`.
     cause: Cause,
 }
+
+impl StoredValue for Aggregate {}
 
 /// What a derived record needs of its cause (the whole envelope would double the size of
 /// an aggregate, and there is one per account, meter, window and dimension values).
@@ -390,9 +393,9 @@ impl UsageProcessor {
     /// Writes the running total of every dirty aggregate of this partition.
     fn flush(context: &mut Context<'_>) -> Result<(), ProcessError> {
         let now = context.now();
-        for (key, _) in context.scan_prefix::<i64>(DIRTY, "") {
+        for (key, _) in context.scan_prefix(DIRTY, "")? {
             context.delete(DIRTY, &key);
-            let Some(mut aggregate) = context.get::<Aggregate>(AGGREGATES, &key)? else { continue };
+            let Some(mut aggregate) = context.get(AGGREGATES, &key)? else { continue };
             aggregate.sequence += 1;
             context.emit(Output::new(aggregate.account_id.clone(), aggregate.recorded(&key, now, false)));
             context.put(AGGREGATES, &key, &aggregate)?;
@@ -403,7 +406,7 @@ impl UsageProcessor {
     /// Writes the final total of every aggregate closing at `close_at` and forgets them.
     fn close(context: &mut Context<'_>, close_at: &str) -> Result<(), ProcessError> {
         let now = context.now();
-        for (key, mut aggregate) in context.scan_prefix::<Aggregate>(AGGREGATES, &format!("{close_at}|")) {
+        for (key, mut aggregate) in context.scan_prefix(AGGREGATES, &format!("{close_at}|"))? {
             aggregate.sequence += 1;
             context.emit(Output::new(aggregate.account_id.clone(), aggregate.recorded(&key, now, true)));
             context.delete(AGGREGATES, &key);
@@ -423,7 +426,11 @@ impl Processor for UsageProcessor {
     type Input = UsageEvent;
 
     fn stores(&self) -> Vec<&'static str> {
-        vec![AGGREGATES, DIRTY]
+        vec![AGGREGATES.name(), DIRTY.name()]
+    }
+
+    fn outputs(&self) -> Vec<&'static str> {
+        vec![topics::USAGE_RECORDED, topics::USAGE_THRESHOLDS, topics::USAGE_LATE]
     }
 
     /// Duplicates are the same `source` and `id` as the platform sent them, whichever way
@@ -432,7 +439,7 @@ impl Processor for UsageProcessor {
         Some(format!("{}/{}", input.source, input.id))
     }
 
-    async fn process(&mut self, context: &mut Context<'_>, input: &UsageEvent) -> Result<(), ProcessError> {
+    async fn process(&self, context: &mut Context<'_>, input: &UsageEvent) -> Result<(), ProcessError> {
         let now = context.now();
         let bounds = TimeBounds { max_age: self.settings.max_event_age, max_skew: self.settings.max_clock_skew };
         let measurements = self
@@ -478,7 +485,7 @@ impl Processor for UsageProcessor {
                 for dimensions in &dimension_sets {
                     let key =
                         aggregate_key(*close_at, account, window, &definition.key, subscription.as_deref(), dimensions);
-                    let mut aggregate = match context.get::<Aggregate>(AGGREGATES, &key)? {
+                    let mut aggregate = match context.get(AGGREGATES, &key)? {
                         Some(aggregate) => aggregate,
                         None => {
                             Self::schedule_close(context, *close_at)?;
@@ -506,7 +513,7 @@ impl Processor for UsageProcessor {
         Ok(())
     }
 
-    async fn on_timer(&mut self, context: &mut Context<'_>, timer: &Timer) -> Result<(), ProcessError> {
+    async fn on_timer(&self, context: &mut Context<'_>, timer: &Timer) -> Result<(), ProcessError> {
         match timer.key.strip_prefix(CLOSE_TIMER_PREFIX) {
             Some(close_at) => Self::close(context, close_at),
             None => Self::flush(context),

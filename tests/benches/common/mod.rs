@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use prometheus_client::registry::Registry;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -16,10 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tributary_contracts::Contract;
 use tributary_contracts::codec::{Codec, Location};
 use tributary_contracts::types::UsageEvent;
+use tributary_runtime::kafka::producer_config;
 use tributary_runtime::kafka::{TopicKind, client_config, ensure_topics};
-use tributary_runtime::stream::producer_config;
-use tributary_runtime::{Context, Output, ProcessError, Processor, StreamRuntime, StreamSettings};
-use tributary_telemetry::{Health, ServiceMetrics};
+use tributary_runtime::{BuildContext, Clock, Context, Output, ProcessError, Processor, StreamRuntime, StreamSettings};
 use tributary_tests::kafka::{codec, usage_event};
 use tributary_tests::{Stack, unique_name};
 
@@ -35,7 +33,11 @@ pub(crate) struct Identity;
 impl Processor for Identity {
     type Input = UsageEvent;
 
-    async fn process(&mut self, context: &mut Context<'_>, input: &UsageEvent) -> Result<(), ProcessError> {
+    fn outputs(&self) -> Vec<&'static str> {
+        vec![OUTPUT]
+    }
+
+    async fn process(&self, context: &mut Context<'_>, input: &UsageEvent) -> Result<(), ProcessError> {
         context.emit(Output { topic: OUTPUT, key: input.envelope.account_id.clone(), value: Box::new(input.clone()) });
         Ok(())
     }
@@ -144,8 +146,8 @@ pub(crate) async fn start(world: &World, pipeline: Pipeline) -> (CancellationTok
                 kafka,
                 runtime: tributary_runtime::config::RuntimeConfig::default(),
             };
-            let mut registry = Registry::default();
-            let metrics = ServiceMetrics::register(&mut registry, "bench-identity");
+            let mut context = BuildContext::new("bench-identity", Clock::system());
+            let registry = std::mem::take(&mut context.registry);
             if std::env::var("BENCH_ONLY").is_ok() {
                 // Profiling: print where the time went when the run stops.
                 let registry = Arc::new(registry);
@@ -159,7 +161,7 @@ pub(crate) async fn start(world: &World, pipeline: Pipeline) -> (CancellationTok
                 });
             }
             let codec = codec(world.stack, "");
-            let runtime = StreamRuntime::new(settings, Identity, codec, metrics, Health::new()).await.unwrap();
+            let runtime = StreamRuntime::new(settings, Identity, codec, &context).await.unwrap();
             let stop = stop.clone();
             tokio::spawn(async move { runtime.run(stop).await.unwrap() })
         }
