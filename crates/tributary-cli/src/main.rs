@@ -4,10 +4,12 @@
 //! - `tap <topic>`: any topic decoded through the registry to JSON lines ([`tap`]).
 //! - `publish <topic>`: JSON values encoded through the registry into a topic ([`publish`]).
 //! - `dlq list | show | replay`: dead-letter inspection and replay ([`dlq`]).
+//! - `clock show | advance | set`: the controlled clock of a deployment ([`clock`]).
 //!
 //! Kafka and registry settings come from the same `TRIBUTARY__KAFKA__…` and
 //! `TRIBUTARY__REGISTRY__…` variables as the services, or from the flags.
 
+mod clock;
 mod dlq;
 mod publish;
 mod schemas;
@@ -19,7 +21,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tributary_runtime::config::{ConfigSource, KafkaConfig, NoSettings, RegistryConfig};
 
-/// Tributary operations: schema governance, topic taps, DLQ replay.
+/// Tributary operations: schema governance, topic taps, DLQ replay, the controlled clock.
 #[derive(Debug, Parser)]
 #[command(name = "tributary", version, about)]
 struct Cli {
@@ -29,6 +31,9 @@ struct Cli {
     /// Schema registry URL (default: TRIBUTARY__REGISTRY__URL, then the local stack).
     #[arg(long, global = true)]
     registry_url: Option<String>,
+    /// Prefix of the deployment's topic names (default: TRIBUTARY__KAFKA__TOPIC_PREFIX, then none).
+    #[arg(long, global = true)]
+    topic_prefix: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,6 +50,9 @@ enum Command {
     /// Dead letters: list, show, replay.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// The controlled clock of every service of the deployment: show, advance, set.
+    #[command(subcommand)]
+    Clock(clock::ClockCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +96,9 @@ fn connections(cli: &Cli) -> anyhow::Result<Connections> {
     if let Some(url) = &cli.registry_url {
         registry.url = url.clone();
     }
+    if let Some(prefix) = &cli.topic_prefix {
+        kafka.topic_prefix = prefix.clone();
+    }
     Ok(Connections { kafka, registry })
 }
 
@@ -102,6 +113,7 @@ async fn main() -> ExitCode {
             Command::Tap(args) => tap::run(&connections(&cli)?, args).await,
             Command::Publish(args) => publish::run(&connections(&cli)?, args).await,
             Command::Dlq(command) => dlq::run(&connections(&cli)?, command).await,
+            Command::Clock(command) => clock::run(&connections(&cli)?, command).await,
         }
     }
     .await;

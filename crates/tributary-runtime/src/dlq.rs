@@ -179,7 +179,9 @@ pub struct ReplayReport {
 
 /// Re-publishes the DLQ records of `service` that pass `filter` to their source topic (or to
 /// `target`), with their original key, value and headers, plus `replayed_from`. They pass the
-/// service's idempotency keys again, so replaying a record twice processes it once.
+/// service's idempotency keys again, so replaying a record twice processes it once. A
+/// dead-lettered timer goes back to its partition of `<service>.timer-replays`, where the
+/// service schedules it again (once per dead letter).
 pub async fn replay(
     kafka: &crate::config::KafkaConfig,
     service: &str,
@@ -207,6 +209,11 @@ pub async fn replay(
         let origin = entry.location.to_string();
         headers = headers.insert(Header { key: tributary_contracts::headers::REPLAYED_FROM, value: Some(&origin) });
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        // A dead-lettered timer belongs to its partition's state, whatever its key hashes to.
+        let is_timer = entry.headers.iter().any(|(name, _)| name == tributary_contracts::headers::DLQ_TIMER_KEY);
+        if is_timer && target.is_none() {
+            record = record.partition(letter.source.partition);
+        }
         if let Some(key) = &entry.key {
             record = record.key(key);
         }

@@ -22,7 +22,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tributary_contracts::codec::{Codec, Location};
 use tributary_contracts::headers;
 use tributary_telemetry::ServiceMetrics;
-use tributary_telemetry::metrics::{DlqLabels, StageLabels};
+use tributary_telemetry::metrics::{DlqLabels, StageLabels, TopicLabels};
 
 use crate::clock::Clock;
 use crate::config::RetryConfig;
@@ -365,7 +365,12 @@ impl<P: Processor> Engine<P> {
         first_failure_at: DateTime<Utc>,
     ) -> Completion {
         let failure = match attempted.result {
-            Ok(Success::Duplicate) => return Completion::Duplicate,
+            Ok(Success::Duplicate) => {
+                if let Some(record) = work.record() {
+                    self.metrics.duplicates_skipped.get_or_create(&TopicLabels { topic: record.topic.clone() }).inc();
+                }
+                return Completion::Duplicate;
+            }
             Ok(Success::Processed { staged, outputs, idempotency_key, occurred_at }) => {
                 partition.accept(staged);
                 if let Some(key) = idempotency_key {
@@ -405,6 +410,17 @@ impl<P: Processor> Engine<P> {
             }
             ProcessError::Internal { class, message } => Completion::Stop { class, reason: message },
         }
+    }
+
+    /// Counts and reports a partition stopped by a bug of ours (the caller stops it).
+    pub(crate) fn partition_stopped(&self, partition: i32, class: &str, reason: &str) {
+        self.metrics.partitions_stopped.inc();
+        tracing::error!(
+            partition,
+            class,
+            reason,
+            "partition stopped: an internal error, not the input's fault; fix and restart the service"
+        );
     }
 
     /// The dead letter of `work`; a dead-lettered timer is cancelled in the same transaction.

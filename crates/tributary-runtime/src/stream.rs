@@ -100,7 +100,6 @@ type RuntimeConsumer = StreamConsumer<RuntimeContext>;
 #[derive(Debug, Clone)]
 struct InputMetrics {
     consumed: Counter,
-    duplicates: Counter,
     processing: Histogram,
     end_to_end: Histogram,
 }
@@ -406,12 +405,7 @@ impl<P: Processor> StreamRuntime<P> {
                 let end_to_end = topic_metrics.zip(occurred_at).map(|(metrics, at)| (metrics.end_to_end, at));
                 self.done(partition, &work, end_to_end)
             }
-            Completion::Duplicate => {
-                if let Some(metrics) = topic_metrics {
-                    metrics.duplicates.inc();
-                }
-                self.done(partition, &work, None)
-            }
+            Completion::Duplicate => self.done(partition, &work, None),
             Completion::DeadLetter(letter) => {
                 self.transactions.write_dead_letter(&letter)?;
                 self.done(partition, &work, None)
@@ -451,13 +445,7 @@ impl<P: Processor> StreamRuntime<P> {
 
     /// A bug of ours: the partition stops where it is; its records wait in Kafka.
     fn stop(&mut self, partition: i32, class: &str, reason: &str) {
-        self.engine.metrics.partitions_stopped.inc();
-        tracing::error!(
-            partition,
-            class,
-            reason,
-            "partition stopped: an internal error, not the input's fault; fix and restart the service"
-        );
+        self.engine.partition_stopped(partition, class, reason);
         self.slots.insert(partition, Slot::Stopped);
     }
 
@@ -692,7 +680,6 @@ impl<P: Processor> StreamRuntime<P> {
         let labels = TopicLabels { topic: topic.to_owned() };
         let handles = InputMetrics {
             consumed: metrics.records_consumed.get_or_create(&labels).clone(),
-            duplicates: metrics.duplicates_skipped.get_or_create(&labels).clone(),
             processing: metrics.processing_seconds.get_or_create(&labels).clone(),
             end_to_end: metrics.end_to_end_seconds.get_or_create(&labels).clone(),
         };

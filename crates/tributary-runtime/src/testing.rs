@@ -159,6 +159,12 @@ impl Default for DriverBuilder {
 }
 
 impl DriverBuilder {
+    /// The defaults: 3 partitions, the clock at [`DEFAULT_START`], the runtime's retry policy
+    /// and idempotency window.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     /// The service name (the DLQ headers name it).
     pub fn service(mut self, service: &'static str) -> Self {
         self.service = service;
@@ -260,11 +266,6 @@ impl<P: Processor> TestDriver<P> {
     /// A driver with the defaults of [`DriverBuilder`].
     pub fn new(processor: P) -> Self {
         DriverBuilder::default().build(processor)
-    }
-
-    /// A builder.
-    pub fn builder() -> DriverBuilder {
-        DriverBuilder::default()
     }
 
     /// The processor.
@@ -545,7 +546,8 @@ impl<P: Processor> TestDriver<P> {
                 self.slots.insert(partition, Slot::Waiting { work, attempt, first_failure_at, until });
                 Outcome::Paused(downstream.to_owned())
             }
-            Completion::Stop { class, .. } => {
+            Completion::Stop { class, reason } => {
+                self.engine.partition_stopped(partition, class, &reason);
                 self.slots.insert(partition, Slot::Stopped);
                 Outcome::Stopped(class.to_owned())
             }
