@@ -520,3 +520,197 @@ impl Processor for UsageProcessor {
         }
     }
 }
+
+/// The processor's logic on the runtime's test driver: no broker, time moved by the clock.
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use chrono::{DateTime, Utc};
+    use tributary_contracts::samples::{Fill, typed};
+    use tributary_contracts::types::{BillingPeriod, IncludedUsage};
+    use tributary_runtime::testing::{DriverBuilder, Outcome, TestDriver};
+
+    use super::*;
+    use crate::meters::{Aggregation, MeterDefinition};
+
+    /// The driver's clock starts here; the contract's annual term started a month earlier.
+    const START: &str = "2026-03-10T12:00:00Z";
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+    }
+
+    fn contract(account: &str, included: i64) -> Contract {
+        let mut contract: Contract = typed(Fill::Full, 7);
+        contract.envelope = Envelope::originating("crm", account, at(START));
+        contract.contract_id = format!("ctr-{account}");
+        contract.subscription_id = format!("sub-{account}");
+        contract.status = ContractStatus::Active;
+        contract.term_start = at("2026-02-01T00:00:00Z").timestamp_millis();
+        contract.term_end = at("2026-05-01T00:00:00Z").timestamp_millis();
+        contract.billing_period = BillingPeriod::Monthly;
+        contract.included_usage = vec![IncludedUsage {
+            meter: "api_calls".into(),
+            included_quantity: Decimal6::from(included),
+            unit: "call".into(),
+            threshold_percents: None,
+        }];
+        contract.deleted = false;
+        contract.version = 1;
+        contract
+    }
+
+    fn driver(contracts: &[Contract]) -> TestDriver<UsageProcessor> {
+        let meters = Meters::compile(&[MeterDefinition {
+            key: "api_calls".into(),
+            event_type: "api.call".into(),
+            aggregation: Aggregation::Count,
+            value_property: None,
+            unit: "call".into(),
+            group_by: BTreeMap::new(),
+        }])
+        .unwrap();
+        let table = ReferenceTable::new(contract_index);
+        for contract in contracts {
+            table.apply(&contract.contract_id, Some(contract.clone()));
+        }
+        let settings = Settings { recorded_interval: Duration::from_secs(2), ..Settings::default() };
+        let processor = UsageProcessor::new(Arc::new(meters), table, settings, IngestCounters::default());
+        DriverBuilder::new().service(crate::NAME).start_at(at(START)).build(processor)
+    }
+
+    fn call(account: &str, id: &str, time: DateTime<Utc>) -> UsageEvent {
+        let mut envelope = Envelope::originating("gateway", account, time);
+        envelope.event_id = format!("env-{id}");
+        UsageEvent {
+            envelope,
+            id: id.into(),
+            source: "gateway".into(),
+            r#type: "api.call".into(),
+            subject: account.into(),
+            time: time.timestamp_millis(),
+            data: "{}".into(),
+            subscription_id: None,
+            meter: None,
+            quantity: None,
+            unit: None,
+            dimensions: Default::default(),
+            received_at: None,
+        }
+    }
+
+    /// The newest `usage.recorded` of each window kind, among `records`.
+    fn latest(records: &[UsageRecorded], kind: WindowKind) -> Option<&UsageRecorded> {
+        records.iter().filter(|r| r.window_kind == kind && r.dimensions.is_empty()).max_by_key(|r| r.sequence)
+    }
+
+    #[tokio::test]
+    async fn running_totals_are_written_once_per_interval_not_per_event() {
+        let mut driver = driver(&[contract("acct-1", 100)]);
+        for i in 0..5 {
+            assert_eq!(driver.pipe(call("acct-1", &format!("e{i}"), driver.now())).await, Outcome::Processed);
+        }
+        assert!(driver.read::<UsageRecorded>().await.is_empty(), "nothing before the interval");
+        driver.advance(Duration::from_secs(2)).await;
+        let records = driver.read::<UsageRecorded>().await;
+        assert_eq!(records.len(), 2, "one per window (period, hour): {records:?}");
+        for record in &records {
+            assert_eq!((record.total_quantity, record.event_count, record.sequence), (Decimal6::from(5), 5, 1));
+            assert!(!record.is_final);
+        }
+        driver.advance(Duration::from_secs(10)).await;
+        assert!(driver.read::<UsageRecorded>().await.is_empty(), "unchanged aggregates are not written again");
+    }
+
+    #[tokio::test]
+    async fn thresholds_fire_once_each_at_the_share_of_the_included_quantity() {
+        let mut driver = driver(&[contract("acct-1", 10)]);
+        for i in 0..13 {
+            driver.pipe(call("acct-1", &format!("e{i}"), driver.now())).await;
+        }
+        let crossings = driver.read::<UsageThresholdCrossed>().await;
+        let fired: Vec<(i32, Decimal6, Decimal6)> =
+            crossings.iter().map(|c| (c.threshold_percent, c.used_quantity, c.overage_quantity)).collect();
+        assert_eq!(
+            fired,
+            vec![
+                (80, Decimal6::from(8), Decimal6::from(0)),
+                (100, Decimal6::from(10), Decimal6::from(0)),
+                (120, Decimal6::from(12), Decimal6::from(2)),
+            ]
+        );
+        assert_eq!(crossings[0].period_start, at("2026-03-01T00:00:00Z").timestamp_millis(), "the contract's month");
+        assert_eq!(crossings[0].contract_id, "ctr-acct-1");
+    }
+
+    #[tokio::test]
+    async fn the_hour_and_then_the_billing_period_close_on_the_clock_with_a_final_total() {
+        let mut driver = driver(&[contract("acct-1", 100)]);
+        driver.pipe(call("acct-1", "e1", driver.now())).await;
+        driver.pipe(call("acct-1", "e2", driver.now())).await;
+        driver.advance(Duration::from_secs(2)).await;
+        driver.read::<UsageRecorded>().await;
+
+        // 13:00 is the end of the hour; it closes after the hour's grace (1 h).
+        driver.advance_to(at("2026-03-10T13:59:59Z")).await;
+        assert!(driver.read::<UsageRecorded>().await.is_empty(), "the hour's grace has not ended");
+        driver.advance(Duration::from_secs(1)).await;
+        let records = driver.read::<UsageRecorded>().await;
+        let hour = latest(&records, WindowKind::Hour).expect("the hour's final total");
+        assert!(hour.is_final);
+        assert_eq!((hour.total_quantity, hour.event_count, hour.sequence), (Decimal6::from(2), 2, 2));
+        assert!(latest(&records, WindowKind::BillingPeriod).is_none(), "the period is still open");
+
+        // The month ends on 1 April; it closes after the period's grace (6 h).
+        driver.advance_to(at("2026-04-01T06:00:00Z")).await;
+        let records = driver.read::<UsageRecorded>().await;
+        let period = latest(&records, WindowKind::BillingPeriod).expect("the period's final total");
+        assert!(period.is_final);
+        assert_eq!(period.total_quantity, Decimal6::from(2));
+        assert_eq!(period.window_end, at("2026-04-01T00:00:00Z").timestamp_millis());
+        let partition = driver.partition_of("acct-1");
+        assert_eq!(driver.state(partition).unwrap().len(AGGREGATES.name()), 0, "closed aggregates are forgotten");
+        assert!(driver.timers().is_empty(), "no timer is left behind");
+    }
+
+    #[tokio::test]
+    async fn an_event_of_a_closed_period_goes_to_usage_late_and_is_counted_nowhere() {
+        let mut driver = driver(&[contract("acct-1", 100)]);
+        // March closed at 06:00 on 1 April (period end plus 6 h of grace).
+        driver.advance_to(at("2026-04-02T00:00:00Z")).await;
+        let march = call("acct-1", "march", at("2026-03-31T20:00:00Z"));
+        assert_eq!(driver.pipe(march).await, Outcome::Processed);
+        let late = driver.read::<UsageLate>().await;
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].reason, LateReason::GraceExpired);
+        let missed = &late[0].missed_windows[0];
+        assert_eq!(missed.window_end, at("2026-04-01T00:00:00Z").timestamp_millis());
+        assert_eq!(missed.grace_ends_at, at("2026-04-01T06:00:00Z").timestamp_millis());
+        driver.advance(Duration::from_secs(5)).await;
+        assert!(driver.read::<UsageRecorded>().await.is_empty(), "counted nowhere");
+
+        // An April event an hour old is counted in the open period.
+        assert_eq!(driver.pipe(call("acct-1", "april", at("2026-04-01T23:00:00Z"))).await, Outcome::Processed);
+        assert!(driver.read::<UsageLate>().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_is_counted_once_and_an_invalid_event_is_dead_lettered_with_its_reason() {
+        let mut driver = driver(&[contract("acct-1", 100)]);
+        let first = call("acct-1", "e1", driver.now());
+        assert_eq!(driver.pipe(first.clone()).await, Outcome::Processed);
+        let mut resent = first.clone();
+        resent.envelope.event_id = "another-envelope".into();
+        assert_eq!(driver.pipe(resent).await, Outcome::Duplicate, "same source and id");
+        let mut unknown = call("acct-1", "e2", driver.now());
+        unknown.r#type = "unknown.type".into();
+        assert_eq!(driver.pipe(unknown).await, Outcome::DeadLettered("validation".into()));
+        let letters = driver.dead_letters();
+        assert!(letters[0].letter.message.contains("unknown.type"), "{:?}", letters[0].letter);
+        driver.advance(Duration::from_secs(2)).await;
+        let records = driver.read::<UsageRecorded>().await;
+        assert_eq!(latest(&records, WindowKind::BillingPeriod).unwrap().event_count, 1);
+    }
+}
