@@ -13,7 +13,9 @@ use tributary_contracts::codec::Codec;
 use tributary_contracts::headers;
 use tributary_contracts::types::{UsageEvent, UsageRecorded};
 use tributary_runtime::ServiceConfig;
+use tributary_runtime::clock::ClockMode;
 use tributary_runtime::dlq::{self, ReplayFilter};
+use tributary_runtime::kafka::partition_of;
 use tributary_runtime::service::{RunningService, spawn};
 use tributary_tests::echo::{EchoService, EchoSettings, FOLLOW_UP, INPUT_EVENT, NAME, input_topic, output_topic};
 use tributary_tests::kafka::{
@@ -47,7 +49,13 @@ impl World {
     }
 
     async fn start(&self, instance: &str, settings: EchoSettings) -> RunningService {
-        let service = spawn::<EchoService>(self.config(instance, settings)).await.expect("start the echo service");
+        self.start_on(instance, settings, ClockMode::System).await
+    }
+
+    async fn start_on(&self, instance: &str, settings: EchoSettings, clock: ClockMode) -> RunningService {
+        let mut config = self.config(instance, settings);
+        config.runtime.clock = clock;
+        let service = spawn::<EchoService>(config).await.expect("start the echo service");
         let ready = format!("http://{}/health/ready", service.admin_addr);
         eventually(Duration::from_secs(60), "the echo service to be ready", || async {
             reqwest::get(&ready).await.ok().filter(|r| r.status().is_success())
@@ -397,4 +405,178 @@ async fn an_unavailable_downstream_pauses_the_partition_without_dead_lettering_a
     let first = outputs.iter().min_by_key(|r| r.value.as_ref().unwrap().sequence).unwrap();
     assert_eq!(input_of(first).as_deref(), Some(blocked.id.as_str()), "order within the partition is kept");
     assert!(dlq::list(&world.config("a", EchoSettings::default()).kafka, NAME).await.unwrap().is_empty());
+}
+
+const DAY_MS: u64 = 86_400_000;
+
+fn follow_ups_of(outputs: &[Read<UsageRecorded>], account: &str) -> Vec<UsageRecorded> {
+    outputs
+        .iter()
+        .filter_map(|r| r.value.clone())
+        .filter(|v| v.dimensions.contains_key(FOLLOW_UP) && v.envelope.account_id == account)
+        .collect()
+}
+
+/// Runs `tributary clock <args>` against the world's deployment; returns what it printed.
+async fn clock_cli(world: &World, args: &[&str]) -> String {
+    let output = Command::new(tributary_tests::workspace_binary("tributary"))
+        .args(["--bootstrap-servers", &world.stack.bootstrap, "--topic-prefix", &world.prefix, "clock"])
+        .args(args)
+        .output()
+        .await
+        .expect("run tributary clock");
+    assert!(output.status.success(), "tributary clock {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn metrics_of(service: &RunningService) -> String {
+    reqwest::get(format!("http://{}/metrics", service.admin_addr)).await.unwrap().text().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_controlled_clock_advanced_by_the_cli_fires_a_timer_29_days_ahead_once() {
+    let world = World::new();
+    let settings = EchoSettings { follow_up_after_ms: Some(29 * DAY_MS), ..EchoSettings::default() };
+    let service = world.start_on("a", settings, ClockMode::Controlled).await;
+    let input = usage_event("acct-clock");
+    world.produce(std::slice::from_ref(&input)).await;
+    world.wait_for_outputs(1, Duration::from_secs(60)).await;
+    assert!(metrics_of(&service).await.contains("tributary_clock_controlled 1"), "the controlled clock is visible");
+    assert!(follow_ups_of(&world.outputs().await, "acct-clock").is_empty(), "due in 29 days, not now");
+
+    let shown = clock_cli(&world, &["advance", "30d"]).await;
+    assert!(shown.contains("system clock + 30days"), "{shown}");
+    eventually(Duration::from_secs(60), "the follow-up after the advance", || async {
+        (!follow_ups_of(&world.outputs().await, "acct-clock").is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // a few more ticks: it must not fire again
+    service.stop().await.expect("clean stop");
+
+    let follow_ups = follow_ups_of(&world.outputs().await, "acct-clock");
+    assert_eq!(follow_ups.len(), 1, "the timer fired exactly once");
+    let due = input.envelope.occurred_at_utc() + chrono::Duration::days(29);
+    let fired_due = follow_ups[0].window_start;
+    assert!((fired_due - due.timestamp_millis()).abs() < 60_000, "due 29 days after the input: {fired_due}");
+}
+
+#[tokio::test]
+async fn a_timer_whose_time_came_while_the_service_was_stopped_fires_once_after_the_restart() {
+    let world = World::new();
+    let settings = EchoSettings { follow_up_after_ms: Some(29 * DAY_MS), ..EchoSettings::default() };
+    let service = world.start_on("a", settings.clone(), ClockMode::Controlled).await;
+    world.produce(&[usage_event("acct-asleep")]).await;
+    world.wait_for_outputs(1, Duration::from_secs(60)).await;
+    service.stop().await.expect("clean stop");
+
+    clock_cli(&world, &["advance", "30d"]).await;
+    let shown = clock_cli(&world, &["show"]).await;
+    assert!(shown.contains("system clock + 30days"), "{shown}");
+
+    let service = world.start_on("a", settings, ClockMode::Controlled).await;
+    eventually(Duration::from_secs(60), "the follow-up after the restart", || async {
+        (!follow_ups_of(&world.outputs().await, "acct-asleep").is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // a few more ticks: it must not fire again
+    service.stop().await.expect("clean stop");
+    assert_eq!(follow_ups_of(&world.outputs().await, "acct-asleep").len(), 1, "fired exactly once");
+}
+
+#[tokio::test]
+async fn a_slow_downstream_holds_only_its_own_partition_and_never_fails_a_commit() {
+    let world = World::new();
+    let gate_dir = tempfile::tempdir().unwrap();
+    let gate = gate_dir.path().join("open");
+    let settings = EchoSettings {
+        slow_type: Some("slow".into()),
+        slow_for_ms: 20_000,
+        slow_gate: Some(gate.clone()),
+        ..EchoSettings::default()
+    };
+    let service = world.start("a", settings).await;
+    let partitions = world.config("a", EchoSettings::default()).kafka.partitions;
+    let slow_account = "acct-slow";
+    let slow_partition = partition_of(slow_account.as_bytes(), partitions);
+    let mut slow = usage_event(slow_account);
+    slow.r#type = "slow".into();
+    let behind: Vec<UsageEvent> = (0..3).map(|_| usage_event(slow_account)).collect();
+    let mut held = vec![slow.clone()];
+    held.extend(behind.iter().cloned());
+    world.produce(&held).await;
+    let other_accounts: Vec<String> = (0..60)
+        .map(|i| format!("acct-other-{i}"))
+        .filter(|account| partition_of(account.as_bytes(), partitions) != slow_partition)
+        .take(20)
+        .collect();
+    let others: Vec<UsageEvent> =
+        (0..3).flat_map(|_| other_accounts.iter().map(|account| usage_event(account))).collect();
+    world.produce(&others).await;
+
+    // Every record of the other partitions is committed while the slow call is still running
+    // (the gate is closed: it cannot have finished), and nothing of its own partition is.
+    world.wait_for_outputs(others.len(), Duration::from_secs(120)).await;
+    let done: BTreeSet<String> = world.outputs().await.iter().filter_map(input_of).collect();
+    assert!(held.iter().all(|e| !done.contains(&e.id)), "the slow record and those behind it wait");
+    assert_eq!(done.len(), others.len());
+
+    std::fs::write(&gate, b"").unwrap();
+    let all: Vec<UsageEvent> = held.iter().chain(&others).cloned().collect();
+    world.wait_for_outputs(all.len(), Duration::from_secs(120)).await;
+    let metrics = metrics_of(&service).await;
+    service.stop().await.expect("clean stop");
+
+    let outputs = world.outputs().await;
+    assert_exactly_once(&outputs, &all);
+    let mut order: Vec<(i64, String)> = outputs
+        .iter()
+        .filter_map(|r| {
+            r.value
+                .as_ref()
+                .filter(|v| v.envelope.account_id == slow_account)
+                .map(|v| (v.sequence, input_of(r).unwrap()))
+        })
+        .collect();
+    order.sort();
+    let expected: Vec<String> = held.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(order.into_iter().map(|(_, id)| id).collect::<Vec<_>>(), expected, "order within the partition is kept");
+    assert!(!metrics.contains(r#"outcome="aborted""#), "no transaction was aborted:\n{metrics}");
+    assert!(!metrics.contains(r#"stage="commit""#), "no commit failed:\n{metrics}");
+}
+
+#[tokio::test]
+async fn a_dead_lettered_timer_is_replayed_to_its_partition_and_fires_once() {
+    let world = World::new();
+    let account = "acct-timer-dlq";
+    let refusing = EchoSettings { follow_up_after_ms: Some(500), reject_timers: true, ..EchoSettings::default() };
+    let service = world.start("a", refusing).await;
+    world.produce(&[usage_event(account)]).await;
+    let kafka = world.config("a", EchoSettings::default()).kafka;
+    let letters = eventually(Duration::from_secs(60), "the refused timer in the DLQ", || async {
+        let letters = dlq::list(&kafka, NAME).await.unwrap();
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await;
+    service.stop().await.expect("clean stop");
+    let letter = letters[0].letter.clone().unwrap();
+    assert_eq!(letter.class, "follow_up_refused");
+    assert_eq!(letter.source.topic, format!("{}{NAME}.timer-replays", world.prefix));
+    assert_eq!(letter.source.partition, partition_of(account.as_bytes(), kafka.partitions));
+    let headers = letters[0].header_map();
+    assert_eq!(headers.get(headers::DLQ_TIMER_KEY).map(String::as_str), Some(format!("follow-up/{account}").as_str()));
+    assert!(follow_ups_of(&world.outputs().await, account).is_empty());
+
+    // Fixed (timers are no longer refused) and replayed: the timer is scheduled again and fires.
+    let fixed = EchoSettings { follow_up_after_ms: Some(500), ..EchoSettings::default() };
+    let service = world.start("a", fixed).await;
+    let refused = ReplayFilter { class: Some("follow_up_refused".into()), ..ReplayFilter::default() };
+    dlq::replay(&kafka, NAME, &refused, None, false).await.unwrap();
+    eventually(Duration::from_secs(60), "the replayed timer's follow-up", || async {
+        (!follow_ups_of(&world.outputs().await, account).is_empty()).then_some(())
+    })
+    .await;
+    dlq::replay(&kafka, NAME, &refused, None, false).await.unwrap(); // the same letter again
+    tokio::time::sleep(Duration::from_secs(3)).await; // a few ticks: a second schedule would fire
+    service.stop().await.expect("clean stop");
+    assert_eq!(follow_ups_of(&world.outputs().await, account).len(), 1, "replayed twice, fired once");
 }

@@ -51,6 +51,8 @@ pub struct EchoSettings {
     pub slow_for_ms: u64,
     /// A file whose existence ends the slow calls (after `slow_for_ms`).
     pub slow_gate: Option<std::path::PathBuf>,
+    /// Follow-up timers fail permanently (their subject is gone), so they are dead-lettered.
+    pub reject_timers: bool,
 }
 
 impl ServiceSection for EchoSettings {}
@@ -168,6 +170,9 @@ impl Processor for EchoProcessor {
     }
 
     async fn on_timer(&self, context: &mut Context<'_>, timer: &Timer) -> Result<(), ProcessError> {
+        if self.settings.reject_timers {
+            return Err(ProcessError::permanent("follow_up_refused", format!("timer {} is refused", timer.key)));
+        }
         Self::follow_up(context, timer)
     }
 }
