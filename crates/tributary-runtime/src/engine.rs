@@ -8,6 +8,7 @@
 //! attempts of different partitions at the same time; [`Completion`] tells the caller what to
 //! write and whether the partition moves on, waits or stops.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -105,7 +106,7 @@ pub struct EncodedOutput {
     /// The Confluent-framed value.
     pub payload: Vec<u8>,
     /// CloudEvents, correlation and trace headers.
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(Cow<'static, str>, String)>,
 }
 
 /// A dead letter as it is written: the original record's key, value and headers (or the
@@ -219,7 +220,8 @@ pub(crate) struct Engine<P: Processor> {
     pub(crate) processor: Arc<P>,
     pub(crate) service: &'static str,
     topic_prefix: String,
-    pub(crate) codec: Codec,
+    /// Shared with every attempt in flight (a clone per record would copy its prefix).
+    pub(crate) codec: Arc<Codec>,
     pub(crate) clock: Clock,
     retry: RetryConfig,
     backoff: Backoff,
@@ -261,7 +263,7 @@ impl<P: Processor> Engine<P> {
             service: settings.service,
             replay_topic: timer_replay_topic(settings.service),
             topic_prefix: settings.topic_prefix,
-            codec,
+            codec: Arc::new(codec),
             clock,
             retry: settings.retry,
             backoff: settings.backoff,
@@ -621,14 +623,14 @@ async fn encode_outputs(
             };
             Failure { stage: "produce", error }
         })?;
-        let mut headers: Vec<(String, String)> = output
+        let mut headers: Vec<(Cow<'static, str>, String)> = output
             .value
             .envelope()
             .cloudevents_headers(output.value.ce_type())
             .into_iter()
-            .map(|(name, value)| (name.to_owned(), value))
+            .map(|(name, value)| (Cow::Borrowed(name), value))
             .collect();
-        headers.extend(trace.iter().cloned());
+        headers.extend(trace.iter().map(|(name, value)| (Cow::Owned(name.clone()), value.clone())));
         encoded.push(EncodedOutput { topic: output.topic, key: output.key, payload, headers });
     }
     Ok(encoded)

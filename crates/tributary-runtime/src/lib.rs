@@ -36,6 +36,14 @@ mod transaction;
 
 use std::sync::Arc;
 
+/// Every binary built on the runtime (the services, the CLI, the tests and benchmarks)
+/// allocates through mimalloc. The loop allocates a little for every record (an attempt's state
+/// of about 1.3 KiB, headers, state values), and glibc's malloc consolidates its free lists on
+/// every request above 1 KiB: that alone cost the loop about a third of its throughput
+/// (BENCHMARKS.md, session 4).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub use clock::Clock;
 pub use config::{ServiceConfig, ServiceSection};
 pub use processor::{Context, ErrorDomain, Input, Output, ProcessError, Processor, Timer};

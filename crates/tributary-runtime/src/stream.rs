@@ -256,7 +256,7 @@ impl<P: Processor> StreamRuntime<P> {
         ensure_topics(kafka, &wanted).await.context("creating the reference topics")?;
         let mut followers = JoinSet::new();
         for table in &self.tables {
-            followers.spawn(table.follow(kafka.clone(), self.engine.codec.clone(), stop.clone()));
+            followers.spawn(table.follow(kafka.clone(), (*self.engine.codec).clone(), stop.clone()));
         }
         Ok(followers)
     }
@@ -393,16 +393,17 @@ impl<P: Processor> StreamRuntime<P> {
                 return Ok(());
             }
         };
-        let topic_metrics = work.record().map(|record| self.input_metrics(&record.topic));
-        if let Some(metrics) = &topic_metrics {
+        let end_to_end = work.record().map(|record| {
+            let metrics = self.input_metrics(&record.topic);
             metrics.processing.observe(attempted.elapsed.as_secs_f64());
-        }
+            metrics.end_to_end.clone()
+        });
         let state = self.engine.partition(partition);
         let first_failure_at = first_failure_at.unwrap_or_else(|| self.engine.clock.now());
         match self.engine.finish(&state, &work, attempted, attempt, first_failure_at) {
             Completion::Done { outputs, occurred_at } => {
                 self.transactions.write_outputs(outputs)?;
-                let end_to_end = topic_metrics.zip(occurred_at).map(|(metrics, at)| (metrics.end_to_end, at));
+                let end_to_end = end_to_end.zip(occurred_at);
                 self.done(partition, &work, end_to_end)
             }
             Completion::Duplicate => self.done(partition, &work, None),
@@ -672,19 +673,18 @@ impl<P: Processor> StreamRuntime<P> {
     }
 
     /// The metric handles of input `topic`.
-    fn input_metrics(&mut self, topic: &str) -> InputMetrics {
-        if let Some(handles) = self.input_metrics.get(topic) {
-            return handles.clone();
+    fn input_metrics(&mut self, topic: &str) -> &InputMetrics {
+        if !self.input_metrics.contains_key(topic) {
+            let metrics = &self.engine.metrics;
+            let labels = TopicLabels { topic: topic.to_owned() };
+            let handles = InputMetrics {
+                consumed: metrics.records_consumed.get_or_create(&labels).clone(),
+                processing: metrics.processing_seconds.get_or_create(&labels).clone(),
+                end_to_end: metrics.end_to_end_seconds.get_or_create(&labels).clone(),
+            };
+            self.input_metrics.insert(topic.to_owned(), handles);
         }
-        let metrics = &self.engine.metrics;
-        let labels = TopicLabels { topic: topic.to_owned() };
-        let handles = InputMetrics {
-            consumed: metrics.records_consumed.get_or_create(&labels).clone(),
-            processing: metrics.processing_seconds.get_or_create(&labels).clone(),
-            end_to_end: metrics.end_to_end_seconds.get_or_create(&labels).clone(),
-        };
-        self.input_metrics.insert(topic.to_owned(), handles.clone());
-        handles
+        &self.input_metrics[topic]
     }
 }
 

@@ -346,7 +346,8 @@ impl<P: Processor> TestDriver<P> {
             let at = Location::new(T::TOPIC, 0, index as i64);
             let value =
                 self.codec.decode::<T>(&at, &output.payload).await.expect("an output decodes as its topic's contract");
-            records.push(OutputRecord { key: output.key, headers: output.headers.into_iter().collect(), value });
+            let headers = output.headers.into_iter().map(|(name, value)| (name.into_owned(), value)).collect();
+            records.push(OutputRecord { key: output.key, headers, value });
         }
         records
     }
