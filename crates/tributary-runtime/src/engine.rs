@@ -31,7 +31,8 @@ use crate::dlq::DeadLetter;
 use crate::processor::{Context, Input, Output, ProcessError, Processor, RecordMeta, Timer};
 use crate::retry;
 use crate::state::{
-    Changes, IDEMPOTENCY_STORE, PartitionState, Staged, StateError, StoredTimer, TIMER_STORE, encode_value,
+    Changes, IDEMPOTENCY_STORE, PartitionState, Staged, StateError, StoredTimer, TIMER_STORE, decode_value,
+    encode_value,
 };
 
 /// How long a partition waits before it is offered a record again whose schema registry or
@@ -412,6 +413,31 @@ impl<P: Processor> Engine<P> {
             }
             ProcessError::Internal { class, message } => Completion::Stop { class, reason: message },
         }
+    }
+
+    /// Forgets the idempotency keys recorded longer than `window` ago on the clock, in the open
+    /// transaction; returns whether any was forgotten. A pass over every key: a disk-backed store
+    /// with keys ordered by time would make it a range delete (DESIGN.md, "State and time").
+    pub(crate) fn expire_idempotency_keys(&self, window: Duration) -> bool {
+        let window = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        let horizon = self.clock.now_ms().saturating_sub(window);
+        let mut expired_any = false;
+        for state in self.partitions.values() {
+            let expired: Vec<String> = state
+                .scan_raw(IDEMPOTENCY_STORE, "")
+                .into_iter()
+                .filter(|(key, seen)| {
+                    decode_value::<i64>(IDEMPOTENCY_STORE, key, seen).is_ok_and(|seen| seen < horizon)
+                })
+                .map(|(key, _)| key)
+                .collect();
+            tracing::debug!(partition = state.partition(), expired = expired.len(), "idempotency keys expired");
+            for key in expired {
+                state.write(IDEMPOTENCY_STORE, key, None);
+                expired_any = true;
+            }
+        }
+        expired_any
     }
 
     /// Counts and reports a partition stopped by a bug of ours (the caller stops it).

@@ -50,7 +50,7 @@ use crate::kafka::{TopicKind, client_config, ensure_topics};
 use crate::processor::Processor;
 use crate::rebalance::{RebalanceEvents, RuntimeContext, restore};
 use crate::service::BuildContext;
-use crate::state::{IDEMPOTENCY_STORE, changelog_topic, decode_value};
+use crate::state::changelog_topic;
 use crate::table::FollowedTable;
 use crate::transaction::{CALL_TIMEOUT, Committed, Transactions};
 
@@ -522,31 +522,8 @@ impl<P: Processor> StreamRuntime<P> {
         self.fire_due_timers()?;
         if self.last_sweep.elapsed() >= EXPIRY_SWEEP_INTERVAL {
             self.last_sweep = Instant::now();
-            self.expire_idempotency_keys()?;
-        }
-        Ok(())
-    }
-
-    /// Forgets idempotency keys older than the window, on the runtime's clock.
-    fn expire_idempotency_keys(&mut self) -> anyhow::Result<()> {
-        let window = i64::try_from(self.settings.runtime.idempotency_window.as_millis()).unwrap_or(i64::MAX);
-        let horizon = self.engine.clock.now_ms().saturating_sub(window);
-        for state in self.engine.partitions.values() {
-            let expired: Vec<String> = state
-                .scan_raw(IDEMPOTENCY_STORE, "")
-                .into_iter()
-                .filter(|(key, seen)| {
-                    decode_value::<i64>(IDEMPOTENCY_STORE, key, seen).is_ok_and(|seen| seen < horizon)
-                })
-                .map(|(key, _)| key)
-                .collect();
-            if expired.is_empty() {
-                continue;
-            }
-            self.transactions.begin()?;
-            tracing::debug!(partition = state.partition(), expired = expired.len(), "idempotency keys expired");
-            for key in expired {
-                state.write(IDEMPOTENCY_STORE, key, None);
+            if self.engine.expire_idempotency_keys(self.settings.runtime.idempotency_window) {
+                self.transactions.begin()?;
             }
         }
         Ok(())

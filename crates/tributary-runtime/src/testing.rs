@@ -34,7 +34,7 @@ use crate::config::RetryConfig;
 use crate::engine::{Backoff, Completion, DeadLetterRecord, EncodedOutput, Engine, EngineSettings, Record, Work};
 use crate::kafka::partition_of;
 use crate::processor::{EncodeOutput, Processor};
-use crate::state::{IDEMPOTENCY_STORE, PartitionState, Store, StoredValue, decode_value};
+use crate::state::{PartitionState, Store, StoredValue};
 
 /// Where the driver's clock starts unless told otherwise: a fixed time, so that tests repeat.
 pub const DEFAULT_START: &str = "2026-01-01T00:00:00Z";
@@ -557,14 +557,8 @@ impl<P: Processor> TestDriver<P> {
 
     /// Forgets idempotency keys older than the window, as the loop's sweep does.
     fn expire_idempotency_keys(&mut self) {
-        let window = i64::try_from(self.idempotency_window.as_millis()).unwrap_or(i64::MAX);
-        let horizon = self.engine.clock.now_ms().saturating_sub(window);
+        self.engine.expire_idempotency_keys(self.idempotency_window);
         for state in self.engine.partitions.values() {
-            for (key, seen) in state.scan_raw(IDEMPOTENCY_STORE, "") {
-                if decode_value::<i64>(IDEMPOTENCY_STORE, &key, &seen).is_ok_and(|seen| seen < horizon) {
-                    state.write(IDEMPOTENCY_STORE, key, None);
-                }
-            }
             state.commit();
         }
     }
