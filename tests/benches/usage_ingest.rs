@@ -46,14 +46,12 @@ struct Ingest {
     prefix: String,
     group: String,
     codec: Codec,
-    http: std::net::SocketAddr,
 }
 
 impl Ingest {
     async fn new(stack: &'static Stack) -> Self {
         let prefix = format!("{}.", unique_name("bench-ui"));
-        let http = tributary_tests::free_local_addr();
-        let world = Self { stack, codec: codec(stack, &prefix), group: unique_name("bench-ui"), prefix, http };
+        let world = Self { stack, codec: codec(stack, &prefix), group: unique_name("bench-ui"), prefix };
         let mut kafka = stack.kafka();
         kafka.partitions = 3;
         ensure_topics(&kafka, &[(&world.input(), TopicKind::Events)]).await.unwrap();
@@ -78,7 +76,7 @@ impl Ingest {
             group_by: BTreeMap::new(),
         }];
         config.service.http.enabled = http;
-        config.service.http.listen = self.http;
+        config.service.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         config.service.http.api_keys = vec![API_KEY.into()];
         spawn::<App>(config).await.unwrap()
     }
@@ -134,7 +132,7 @@ async fn http_path(stack: &'static Stack) -> f64 {
     let bodies: Vec<Vec<u8>> = cloud_events(BACKLOG).chunks(BATCH).map(|c| serde_json::to_vec(c).unwrap()).collect();
     let bodies = Arc::new(std::sync::Mutex::new(bodies));
     let client = reqwest::Client::new();
-    let url = format!("http://{}/v1/events", world.http);
+    let url = format!("http://{}/v1/events", service.address("http").expect("the HTTP endpoint is bound"));
     let started = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {

@@ -17,12 +17,14 @@ async fn get(url: &str) -> Option<(u16, String)> {
 #[tokio::test]
 async fn a_service_binary_reports_ready_serves_metrics_and_exits_0_on_sigterm() {
     let stack = stack();
-    let port = tributary_tests::free_local_addr().port();
-    let admin = format!("http://127.0.0.1:{port}");
     let binary = tributary_tests::workspace_binary("usage-ingest");
+    let addresses = tempfile::tempdir().unwrap();
+    let addresses_file = addresses.path().join("addresses.json");
     let mut child = tokio::process::Command::new(&binary)
         .envs(stack.service_env())
-        .env("TRIBUTARY__ADMIN__LISTEN", format!("127.0.0.1:{port}"))
+        .arg("--addresses-file")
+        .arg(&addresses_file)
+        .env("TRIBUTARY__ADMIN__LISTEN", "127.0.0.1:0")
         .env("TRIBUTARY_CONFIG", tributary_tests::workspace_file("deploy/config/usage-ingest.toml"))
         .env("TRIBUTARY__USAGE_INGEST__HTTP__LISTEN", "127.0.0.1:0")
         .env("TRIBUTARY__KAFKA__TOPIC_PREFIX", format!("{}.", tributary_tests::unique_name("shape")))
@@ -32,6 +34,13 @@ async fn a_service_binary_reports_ready_serves_metrics_and_exits_0_on_sigterm() 
         .spawn()
         .expect("start usage-ingest");
 
+    // Every listener is on port 0: the binary says where it bound them.
+    let bound: serde_json::Value = eventually(Duration::from_secs(60), "the addresses file", || async {
+        std::fs::read(&addresses_file).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok())
+    })
+    .await;
+    let admin = format!("http://{}", bound["admin"].as_str().expect("the admin address"));
+    assert!(bound["http"].as_str().is_some_and(|http| !http.ends_with(":0")), "the HTTP port is reported: {bound}");
     eventually(Duration::from_secs(60), "the service to report ready", || async {
         get(&format!("{admin}/health/ready")).await.filter(|(status, _)| *status == 200)
     })

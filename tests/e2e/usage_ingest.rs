@@ -34,7 +34,8 @@ struct Ingest {
     prefix: String,
     group: String,
     codec: Codec,
-    http: SocketAddr,
+    /// Where the running service's HTTP endpoint is bound (port 0, read back at each start).
+    http: std::sync::Mutex<SocketAddr>,
     client: reqwest::Client,
 }
 
@@ -58,7 +59,7 @@ impl Ingest {
             codec: codec(stack, &prefix),
             group: unique_name("usage-ingest"),
             prefix,
-            http: tributary_tests::free_local_addr(),
+            http: std::sync::Mutex::new(SocketAddr::from(([127, 0, 0, 1], 0))),
             client: reqwest::Client::new(),
         }
     }
@@ -77,7 +78,7 @@ impl Ingest {
             recorded_interval: Duration::from_millis(500),
             ..Settings::default()
         };
-        settings.http.listen = self.http;
+        settings.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         settings.http.api_keys = vec![API_KEY.into()];
         settings
     }
@@ -93,8 +94,15 @@ impl Ingest {
         config
     }
 
+    fn http_address(&self) -> SocketAddr {
+        *self.http.lock().expect("address lock")
+    }
+
     async fn start_with(&self, settings: Settings) -> RunningService {
         let service = spawn::<App>(self.config(settings)).await.expect("start usage-ingest");
+        if let Some(http) = service.address("http") {
+            *self.http.lock().expect("address lock") = http;
+        }
         let ready = format!("http://{}/health/ready", service.admin_addr);
         eventually(Duration::from_secs(60), "usage-ingest to be ready", || async {
             reqwest::get(&ready).await.ok().filter(|r| r.status().is_success())
@@ -154,7 +162,7 @@ impl Ingest {
     async fn post(&self, content_type: &str, key: Option<&str>, body: impl Into<reqwest::Body>) -> (u16, Value) {
         let mut request = self
             .client
-            .post(format!("http://{}/v1/events", self.http))
+            .post(format!("http://{}/v1/events", self.http_address()))
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(body);
         if let Some(key) = key {

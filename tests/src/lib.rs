@@ -137,21 +137,6 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     path
 }
 
-/// A free address on 127.0.0.1 for a server a test starts itself (the HTTP endpoint, an admin
-/// port given on the command line). Drawn below Linux's ephemeral range (32768 and up), so
-/// that the ports the kernel hands out meanwhile (outgoing connections, `:0` binds of other
-/// tests) cannot take it between this check and the server's own bind.
-pub fn free_local_addr() -> std::net::SocketAddr {
-    use rand::Rng as _;
-    let mut rng = rand::rng();
-    loop {
-        let port = rng.random_range(20_000..32_000);
-        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            return listener.local_addr().expect("a bound address");
-        }
-    }
-}
-
 /// The path of `relative` in the workspace (configuration files the tests share with the demo).
 pub fn workspace_file(relative: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root").join(relative)
