@@ -11,12 +11,15 @@
 //! - [`registry`]: the resolver backed by a Confluent-compatible registry.
 //! - [`json`]: Avro values as JSON, decimals exact (`tributary tap`).
 //! - [`samples`]: sample values of any schema, for drift and wire-format tests.
+//! - [`fixtures`]: realistic master data and events built from a few parameters, for tests,
+//!   benchmarks and the demo.
 //! - [`compat`]: the offline compatibility check behind `tributary schemas check`.
 
 pub mod codec;
 pub mod compat;
 pub mod decimal;
 pub mod envelope;
+pub mod fixtures;
 pub mod headers;
 pub mod json;
 pub mod registry;

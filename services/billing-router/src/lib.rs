@@ -1,20 +1,84 @@
-//! billing-router: rates overages against price plans, validates customer and contract
-//! against master data, routes financial transactions to the ERP and commercial context to the CRM.
+//! billing-router: rates overages against price plans, validates customer and contract against
+//! master data, routes financial transactions to the ERP and commercial context to the CRM.
 //!
-//! The service's processing lands with its own issue; until then it runs the common service
-//! shape ([`Idle`](tributary_runtime::service::Idle)): configuration, telemetry, the admin
-//! port, readiness once Kafka answers, and a clean exit on SIGTERM.
+//! - [`processor`]: the logic (what each input does, charges cumulative per period);
+//! - [`rating`]: the pricing models of `refdata.price-plans`, in exact decimals, and rounding
+//!   to the currency's minor unit;
+//! - [`masterdata`]: the reference tables and the checks whose failures are dead-lettered;
+//! - [`documents`]: the ERP documents and CRM updates it writes;
+//! - [`settings`]: the `[billing_router]` configuration section.
+//!
+//! The Kafka side (exactly-once, deduplication, state, timers, DLQ, the reference tables
+//! caught up before the first record) is the stream runtime's.
 
-use tributary_runtime::service::{Idle, ServiceIdentity};
+pub mod documents;
+pub mod masterdata;
+pub mod processor;
+pub mod rating;
+pub mod settings;
 
-/// The billing-router service's name and admin port.
-#[derive(Debug)]
-pub struct Identity;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio_util::sync::CancellationToken;
+use tributary_runtime::{BuildContext, Service, ServiceConfig, StreamRuntime, registry_codec, stream_settings};
 
-impl ServiceIdentity for Identity {
-    const NAME: &'static str = "billing-router";
-    const DEFAULT_ADMIN_PORT: u16 = 19102;
-}
+pub use crate::masterdata::MasterData;
+use crate::processor::{RouterMetrics, RouterProcessor};
+pub use crate::settings::Settings;
+
+/// The service name.
+pub const NAME: &str = "billing-router";
 
 /// The billing-router service.
-pub type App = Idle<Identity>;
+#[derive(Debug)]
+pub struct App {
+    runtime: StreamRuntime<RouterProcessor>,
+}
+
+impl App {
+    fn register_metrics(context: &mut BuildContext, master: &MasterData) -> RouterMetrics {
+        let metrics = RouterMetrics::default();
+        let registry = context.registry.sub_registry_with_prefix("tributary_billing_router");
+        let rows = |name: &str, help: &str, registry: &mut prometheus_client::registry::Registry| {
+            let gauge = Gauge::default();
+            registry.register(name, help, gauge.clone());
+            gauge
+        };
+        master.customers.observe_rows(rows("customers", "Customers held from refdata.customers", registry));
+        master.contracts.observe_rows(rows("contracts", "Contracts held from refdata.contracts", registry));
+        master.plans.observe_rows(rows("price_plans", "Price plans held from refdata.price-plans", registry));
+        registry.register("charges", "Overage charges emitted", metrics.charges.clone());
+        registry.register(
+            "charges_not_needed",
+            "Rated steps that charged nothing more (the minimum or a later step charged it already)",
+            metrics.charges_not_needed.clone(),
+        );
+        registry.register("postings", "ERP postings by document type", metrics.postings.clone());
+        registry.register("crm_updates", "CRM updates by kind", metrics.crm_updates.clone());
+        metrics
+    }
+}
+
+impl Service for App {
+    const NAME: &'static str = NAME;
+    const DEFAULT_ADMIN_PORT: u16 = 19102;
+    type Settings = Settings;
+
+    async fn build(config: ServiceConfig<Settings>, context: &mut BuildContext) -> anyhow::Result<Self> {
+        let master = MasterData::default();
+        let metrics = Self::register_metrics(context, &master);
+        let processor = RouterProcessor::new(master.clone(), config.service.clone(), metrics);
+        // Master data published before a record must be visible to it: nothing is routed
+        // before the three tables have read what their topics held at start-up.
+        let runtime =
+            StreamRuntime::new(stream_settings(NAME, &config), processor, registry_codec(&config.registry)?, context)
+                .await?
+                .with_table(master.customers)
+                .with_table(master.contracts)
+                .with_table(master.plans);
+        Ok(Self { runtime })
+    }
+
+    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.runtime.run(shutdown).await
+    }
+}
