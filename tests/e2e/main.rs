@@ -1,5 +1,6 @@
 //! End-to-end tests against the real local stack. Start it with `make up`, or run `make test`.
 
+mod billing_router;
 mod contracts;
 mod kafka_transactions;
 mod runtime;
