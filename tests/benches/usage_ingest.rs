@@ -23,18 +23,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 use tributary_contracts::codec::Codec;
 use tributary_contracts::topics;
-use tributary_runtime::kafka::{TopicKind, client_config, ensure_topics};
+use tributary_runtime::kafka::{TopicKind, ensure_topics};
 use tributary_runtime::service::{RunningService, spawn};
 use tributary_tests::kafka::{codec, usage_event};
 use tributary_tests::{Stack, stack, unique_name};
 use usage_ingest::meters::{Aggregation, MeterDefinition};
 use usage_ingest::{App, Settings};
 
-use common::{BACKLOG, Pipeline, encoded_events, raw_producer, send_all};
+use common::{BACKLOG, Pipeline, encoded_events, memory, raw_producer, reset_peak, send_all};
 
 const BATCH: usize = 100;
 const CLIENTS: usize = 4;
@@ -83,22 +81,7 @@ impl Ingest {
 
     /// Waits until the service's group has committed `expected` records in all.
     async fn wait_until_committed(&self, expected: i64) {
-        let consumer: BaseConsumer = client_config(&self.stack.kafka()).set("group.id", &self.group).create().unwrap();
-        let mut partitions = TopicPartitionList::new();
-        for partition in 0..3 {
-            partitions.add_partition(&self.input(), partition);
-        }
-        loop {
-            let committed = consumer.committed_offsets(partitions.clone(), Duration::from_secs(10)).unwrap();
-            let total: i64 =
-                committed.elements().iter().map(|e| if let Offset::Offset(o) = e.offset() { o } else { 0 }).sum();
-            // Transaction markers take an offset each, so the committed positions exceed the
-            // record count once everything is in.
-            if total >= expected {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::wait_until_committed(self.stack, &self.group, &self.input(), expected).await;
     }
 }
 
@@ -168,26 +151,6 @@ async fn direct_produce(stack: &'static Stack) -> f64 {
     let started = Instant::now();
     send_all(&producer, &world.input(), &events);
     BACKLOG as f64 / started.elapsed().as_secs_f64()
-}
-
-/// Resident and peak resident memory of this process, in bytes.
-fn memory() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .unwrap()
-            * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// Resets the peak resident set to the current one (Linux `clear_refs`, value 5).
-fn reset_peak() {
-    std::fs::write("/proc/self/clear_refs", "5").unwrap();
 }
 
 async fn distinct_account_events(codec: &Codec) -> Vec<(String, Vec<u8>)> {

@@ -70,7 +70,7 @@ pub const INVOICES: Store<MirroredInvoice> = Store::new("invoices");
 pub const POSTED: Store<i64> = Store::new("posted");
 const CLOSE_TIMER_PREFIX: &str = "close/";
 
-/// One charge of a period, as remembered for the period's accrued invoice.
+/// A charge waiting for its period's accrued invoice (`per_period`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ChargeEntry {
     /// The charge id.
@@ -79,9 +79,7 @@ pub struct ChargeEntry {
     pub amount: Decimal6,
     /// Its invoice line text.
     pub description: String,
-    /// Whether it reached the ERP (on its own or in the period's invoice).
-    pub posted: bool,
-    /// The event id and correlation id of its cause, for the accrued invoice's envelope.
+    /// The event id of its cause, for the accrued invoice's envelope.
     pub cause_event_id: String,
     /// The correlation id of its cause.
     pub correlation_id: String,
@@ -94,8 +92,8 @@ pub struct PeriodCharges {
     pub charged: Decimal6,
     /// Steps already rated (`100`, `120`, `final`), whether they charged anything or not.
     pub steps: BTreeSet<String>,
-    /// The charges, in order.
-    pub charges: Vec<ChargeEntry>,
+    /// Charges not posted yet, waiting for the period's accrued invoice (`per_period` only).
+    pub pending: Vec<ChargeEntry>,
 }
 
 impl StoredValue for PeriodCharges {}
@@ -426,14 +424,15 @@ impl RouterProcessor {
         }
         self.emit_crm(context, &account, overage_update(&customer, &contract, &charge, digits));
         period.charged = d6(period.charged.value() + amount)?;
-        period.charges.push(ChargeEntry {
-            charge_id,
-            amount: charge.amount,
-            description: charge.description.clone(),
-            posted: post_now,
-            cause_event_id: trigger.cause.event_id.clone(),
-            correlation_id: trigger.cause.correlation_id.clone(),
-        });
+        if !post_now {
+            period.pending.push(ChargeEntry {
+                charge_id,
+                amount: charge.amount,
+                description: charge.description.clone(),
+                cause_event_id: trigger.cause.event_id.clone(),
+                correlation_id: trigger.cause.correlation_id.clone(),
+            });
+        }
         context.put(PERIODS, &key, &period)?;
         self.metrics.charges.inc();
         tracing::info!(account, contract = contract.contract_id, meter = trigger.meter, step, amount = %charge.amount, "overage charged");
@@ -473,8 +472,7 @@ impl RouterProcessor {
         let mut last_cause = None;
         for (key, mut period) in context.scan_prefix(PERIODS, &format!("{contract_id}|{period_start:013}|"))? {
             let meter = key.rsplit('|').next().unwrap_or_default().to_owned();
-            for entry in period.charges.iter_mut().filter(|entry| !entry.posted) {
-                entry.posted = true;
+            for entry in std::mem::take(&mut period.pending) {
                 let codes = LineCodes::overage(&self.settings, &meter);
                 lines.push(documents::line(
                     lines.len() + 1,

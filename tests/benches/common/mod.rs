@@ -288,3 +288,46 @@ pub(crate) fn telemetry() -> tributary_telemetry::logging::TelemetryGuard {
     )
     .unwrap()
 }
+
+/// Resident and peak resident memory of this process, in bytes.
+pub(crate) fn memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets the peak resident set to the current one (Linux `clear_refs`, value 5).
+pub(crate) fn reset_peak() {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+}
+
+/// Waits until consumer group `group` has committed `expected` records in all on the three
+/// partitions of `topic`: every record processed and its transaction committed.
+pub(crate) async fn wait_until_committed(stack: &Stack, group: &str, topic: &str, expected: i64) {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = client_config(&stack.kafka()).set("group.id", group).create().unwrap();
+    let mut partitions = TopicPartitionList::new();
+    for partition in 0..3 {
+        partitions.add_partition(topic, partition);
+    }
+    loop {
+        let committed = consumer.committed_offsets(partitions.clone(), Duration::from_secs(10)).unwrap();
+        let total: i64 =
+            committed.elements().iter().map(|e| if let Offset::Offset(o) = e.offset() { o } else { 0 }).sum();
+        // Transaction markers take an offset each, so the committed positions exceed the
+        // record count once everything is in.
+        if total >= expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
