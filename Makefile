@@ -56,7 +56,8 @@ manifests: build ## Kubernetes manifests: API schemas, consistency, configs acce
 test: build lint schemas manifests ## Every test, unit and end-to-end; starts the stack if needed and stops what it started
 	$(WITH_STACK) cargo test --workspace --no-fail-fast
 
-bench: ## Benchmarks (codec, then the runtime and usage-ingest against the local stack); results in BENCHMARKS.md
+bench: ## Benchmarks (codec, then the runtime and the services against the local stack); results in BENCHMARKS.md
 	cargo bench -p tributary-contracts --bench codec
 	$(WITH_STACK) cargo bench -p tributary-tests --bench runtime
 	$(WITH_STACK) cargo bench -p tributary-tests --bench usage_ingest
+	$(WITH_STACK) cargo bench -p tributary-tests --bench billing_router
