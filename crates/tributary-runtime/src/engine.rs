@@ -28,7 +28,7 @@ use tributary_telemetry::metrics::{DlqLabels, StageLabels, TopicLabels};
 use crate::clock::Clock;
 use crate::config::RetryConfig;
 use crate::dlq::DeadLetter;
-use crate::processor::{Context, Input, Output, ProcessError, Processor, RecordMeta, Timer};
+use crate::processor::{Attempt, Context, Input, Output, ProcessError, Processor, RecordMeta, Timer};
 use crate::retry;
 use crate::state::{
     Changes, IDEMPOTENCY_STORE, PartitionState, Staged, StateError, StoredTimer, TIMER_STORE, decode_value,
@@ -157,11 +157,13 @@ enum Success {
 struct Failure {
     stage: &'static str,
     error: ProcessError,
+    /// What the processor asked to write if the record is dead-lettered, encoded.
+    dead_letter_outputs: Vec<EncodedOutput>,
 }
 
 impl Failure {
     fn at(stage: &'static str) -> impl FnOnce(ProcessError) -> Self {
-        move |error| Self { stage, error }
+        move |error| Self { stage, error, dead_letter_outputs: Vec::new() }
     }
 }
 
@@ -177,8 +179,8 @@ pub(crate) enum Completion {
     },
     /// The input's idempotency key was already recorded: nothing to write, the offset moves on.
     Duplicate,
-    /// Write this dead letter; the offset moves on.
-    DeadLetter(Box<DeadLetterRecord>),
+    /// Write this dead letter, and the processor's outputs for that case; the offset moves on.
+    DeadLetter(Box<DeadLetterRecord>, Vec<EncodedOutput>),
     /// A transient failure: offer the same work again after `after` as attempt `attempt`.
     Retry {
         /// How long to wait.
@@ -316,7 +318,12 @@ impl<P: Processor> Engine<P> {
     }
 
     /// One attempt at `work` on `partition`, as a future that borrows nothing.
-    pub(crate) fn attempt(&self, work: &Work, partition: &Arc<PartitionState>) -> BoxFuture<'static, Attempted> {
+    pub(crate) fn attempt(
+        &self,
+        work: &Work,
+        partition: &Arc<PartitionState>,
+        attempt: Attempt,
+    ) -> BoxFuture<'static, Attempted> {
         let processor = self.processor.clone();
         let codec = self.codec.clone();
         let declared = self.declared_outputs.clone();
@@ -337,7 +344,7 @@ impl<P: Processor> Engine<P> {
                         let at = Location::new(logical, record.partition, record.offset);
                         let key = record.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned());
                         let meta = RecordMeta { location: at, key, headers };
-                        attempt_record(&*processor, &codec, &declared, state, &record, meta, now).await
+                        attempt_record(&*processor, &codec, &declared, state, &record, meta, now, attempt).await
                     };
                     Attempted { result, elapsed: started.elapsed() }
                 }
@@ -348,7 +355,7 @@ impl<P: Processor> Engine<P> {
                 let timer = timer.clone();
                 let span = tracing::info_span!("timer", timer = %timer.key, partition = timer.partition);
                 async move {
-                    let result = attempt_timer(&*processor, &codec, &declared, state, &timer, now).await;
+                    let result = attempt_timer(&*processor, &codec, &declared, state, &timer, now, attempt).await;
                     Attempted { result, elapsed: started.elapsed() }
                 }
                 .instrument(span)
@@ -386,12 +393,18 @@ impl<P: Processor> Engine<P> {
             }
             Err(failure) => failure,
         };
-        let Failure { stage, error } = failure;
+        let Failure { stage, error, dead_letter_outputs } = failure;
         self.metrics.error(error.class(), stage);
         match error {
-            ProcessError::Permanent { class, message } => {
-                self.dead_letter(partition, work, class.to_owned(), message, attempt, first_failure_at)
-            }
+            ProcessError::Permanent { class, message } => self.dead_letter(
+                partition,
+                work,
+                class.to_owned(),
+                message,
+                attempt,
+                first_failure_at,
+                dead_letter_outputs,
+            ),
             ProcessError::Retryable { class, message } if attempt >= self.retry.max_attempts => self.dead_letter(
                 partition,
                 work,
@@ -399,6 +412,7 @@ impl<P: Processor> Engine<P> {
                 message,
                 attempt,
                 first_failure_at,
+                dead_letter_outputs,
             ),
             ProcessError::Retryable { class, message } => {
                 self.metrics.retries.get_or_create(&StageLabels { stage: stage.to_owned() }).inc();
@@ -452,6 +466,7 @@ impl<P: Processor> Engine<P> {
     }
 
     /// The dead letter of `work`; a dead-lettered timer is cancelled in the same transaction.
+    #[allow(clippy::too_many_arguments)]
     fn dead_letter(
         &self,
         partition: &PartitionState,
@@ -460,6 +475,7 @@ impl<P: Processor> Engine<P> {
         message: String,
         attempts: u32,
         first_failure_at: DateTime<Utc>,
+        outputs: Vec<EncodedOutput>,
     ) -> Completion {
         let (source, key, payload, mut record_headers) = match work {
             Work::Record(record) => {
@@ -488,7 +504,7 @@ impl<P: Processor> Engine<P> {
             .get_or_create(&DlqLabels { source_topic: letter.source.topic.clone(), class: letter.class.clone() })
             .inc();
         tracing::warn!(class = letter.class, error = letter.message, source = %letter.source, "dead-lettered");
-        Completion::DeadLetter(Box::new(DeadLetterRecord { letter, key, payload, headers: record_headers }))
+        Completion::DeadLetter(Box::new(DeadLetterRecord { letter, key, payload, headers: record_headers }), outputs)
     }
 }
 
@@ -513,12 +529,10 @@ async fn attempt_record<P: Processor>(
     record: &Record,
     meta: RecordMeta,
     now: DateTime<Utc>,
+    attempt: Attempt,
 ) -> Result<Success, Failure> {
     let Some(payload) = &record.payload else {
-        return Err(Failure {
-            stage: "decode",
-            error: ProcessError::permanent("tombstone", "a null value on an event topic"),
-        });
+        return Err(Failure::at("decode")(ProcessError::permanent("tombstone", "a null value on an event topic")));
     };
     let input = P::Input::decode(codec, &meta.location, payload).await.map_err(|error| {
         let error = if error.is_transient() {
@@ -532,7 +546,7 @@ async fn attempt_record<P: Processor>(
         } else {
             ProcessError::permanent(error.class(), error.to_string())
         };
-        Failure { stage: "decode", error }
+        Failure::at("decode")(error)
     })?;
     let correlation_id = input.envelope().correlation_id.as_str();
     if meta.headers.get(headers::CORRELATION_ID).is_none_or(|header| header != correlation_id) {
@@ -548,9 +562,13 @@ async fn attempt_record<P: Processor>(
     }
     let partition = state.partition();
     let mut staged = Staged::new(state);
-    let mut context = Context { now, partition, record: Some(&meta), state: &mut staged, outputs: Vec::new() };
-    processor.process(&mut context, &input).await.map_err(Failure::at("process"))?;
+    let mut context = Context::new(now, partition, Some(&meta), &mut staged, attempt);
+    let outcome = processor.process(&mut context, &input).await;
     let outputs = std::mem::take(&mut context.outputs);
+    let if_dead_lettered = std::mem::take(&mut context.dead_letter_outputs);
+    if let Err(error) = outcome {
+        return Err(failed("process", error, codec, declared, if_dead_lettered).await);
+    }
     let outputs = encode_outputs(codec, declared, outputs).await?;
     Ok(Success::Processed {
         staged: staged.into_changes(),
@@ -567,12 +585,16 @@ async fn attempt_timer<P: Processor>(
     state: Arc<PartitionState>,
     timer: &Timer,
     now: DateTime<Utc>,
+    attempt: Attempt,
 ) -> Result<Success, Failure> {
     let mut staged = Staged::new(state);
-    let mut context =
-        Context { now, partition: timer.partition, record: None, state: &mut staged, outputs: Vec::new() };
-    processor.on_timer(&mut context, timer).await.map_err(Failure::at("timer"))?;
+    let mut context = Context::new(now, timer.partition, None, &mut staged, attempt);
+    let outcome = processor.on_timer(&mut context, timer).await;
     let outputs = std::mem::take(&mut context.outputs);
+    let if_dead_lettered = std::mem::take(&mut context.dead_letter_outputs);
+    if let Err(error) = outcome {
+        return Err(failed("timer", error, codec, declared, if_dead_lettered).await);
+    }
     // A timer fires once: unless its handler moved it to another time, it is gone.
     let moved = staged.touched_timer(&timer.key)
         && staged
@@ -593,7 +615,7 @@ async fn attempt_timer_replay(
     record: &Record,
     header_map: &BTreeMap<String, String>,
 ) -> Result<Success, Failure> {
-    let invalid = |reason: String| Failure { stage: "decode", error: ProcessError::permanent("timer_replay", reason) };
+    let invalid = |reason: String| Failure::at("decode")(ProcessError::permanent("timer_replay", reason));
     let letter: TimerLetter = serde_json::from_slice(record.payload.as_deref().unwrap_or_default())
         .map_err(|e| invalid(format!("not a dead-lettered timer: {e}")))?;
     if letter.partition != record.partition {
@@ -618,6 +640,28 @@ async fn attempt_timer_replay(
     })
 }
 
+/// The failure of a processor's attempt, with the outputs it asked for in case the record is
+/// dead-lettered (encoded now; outputs that do not encode are left out and logged, so that the
+/// dead letter itself is never lost to them).
+async fn failed(
+    stage: &'static str,
+    error: ProcessError,
+    codec: &Codec,
+    declared: &HashSet<&'static str>,
+    if_dead_lettered: Vec<Output>,
+) -> Failure {
+    let mut failure = Failure::at(stage)(error);
+    if !if_dead_lettered.is_empty() {
+        match encode_outputs(codec, declared, if_dead_lettered).await {
+            Ok(outputs) => failure.dead_letter_outputs = outputs,
+            Err(unencodable) => {
+                tracing::error!(error = %unencodable.error, "an output for the dead-letter case did not encode")
+            }
+        }
+    }
+    failure
+}
+
 /// Encodes `outputs`, each with its CloudEvents, correlation and trace headers; an output to a
 /// topic the processor did not declare is a bug of ours.
 async fn encode_outputs(
@@ -629,13 +673,10 @@ async fn encode_outputs(
     let mut encoded = Vec::with_capacity(outputs.len());
     for output in outputs {
         if !declared.contains(output.topic) {
-            return Err(Failure {
-                stage: "produce",
-                error: ProcessError::internal(
-                    "undeclared_output",
-                    format!("an output to {} which the processor's outputs() does not declare", output.topic),
-                ),
-            });
+            return Err(Failure::at("produce")(ProcessError::internal(
+                "undeclared_output",
+                format!("an output to {} which the processor's outputs() does not declare", output.topic),
+            )));
         }
         let payload = output.value.encode(codec).await.map_err(|error| {
             let error = if error.is_transient() {
@@ -647,7 +688,7 @@ async fn encode_outputs(
             } else {
                 ProcessError::permanent("encode", error.to_string())
             };
-            Failure { stage: "produce", error }
+            Failure::at("produce")(error)
         })?;
         let mut headers: Vec<(Cow<'static, str>, String)> = output
             .value

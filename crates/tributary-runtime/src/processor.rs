@@ -277,9 +277,31 @@ pub struct Context<'a> {
     pub(crate) record: Option<&'a RecordMeta>,
     pub(crate) state: &'a mut Staged,
     pub(crate) outputs: Vec<Output>,
+    pub(crate) dead_letter_outputs: Vec<Output>,
+    pub(crate) attempt: Attempt,
 }
 
-impl Context<'_> {
+/// Which attempt at a record or timer this is.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt {
+    /// 1 for the first; a retry after a transient failure counts one more (a pause for an
+    /// unavailable downstream does not).
+    pub number: u32,
+    /// When the first attempt started.
+    pub first_at: DateTime<Utc>,
+}
+
+impl<'a> Context<'a> {
+    pub(crate) fn new(
+        now: DateTime<Utc>,
+        partition: i32,
+        record: Option<&'a RecordMeta>,
+        state: &'a mut Staged,
+        attempt: Attempt,
+    ) -> Self {
+        Self { now, partition, record, state, outputs: Vec::new(), dead_letter_outputs: Vec::new(), attempt }
+    }
+
     /// Now, on the runtime's clock (the system clock in production, the controlled clock in
     /// tests and the demo). Read once per record or timer.
     pub fn now(&self) -> DateTime<Utc> {
@@ -300,6 +322,19 @@ impl Context<'_> {
     /// be one of [`Processor::outputs`].
     pub fn emit(&mut self, output: Output) {
         self.outputs.push(output);
+    }
+
+    /// Emits an output only if this attempt ends with the record dead-lettered (a permanent
+    /// failure, or the last retry): an outcome record that says the record failed (e.g. a
+    /// REJECTED posting result), written in the same transaction as the dead letter. Dropped
+    /// when the attempt succeeds, or fails and will be retried.
+    pub fn emit_if_dead_lettered(&mut self, output: Output) {
+        self.dead_letter_outputs.push(output);
+    }
+
+    /// Which attempt this is.
+    pub fn attempt(&self) -> Attempt {
+        self.attempt
     }
 
     /// Reads `key` from `store` on this partition.

@@ -47,7 +47,7 @@ use tributary_telemetry::metrics::TopicLabels;
 use crate::config::{KafkaConfig, RuntimeConfig};
 use crate::engine::{Attempted, Backoff, Completion, Engine, EngineSettings, Record, Work};
 use crate::kafka::{TopicKind, client_config, ensure_topics};
-use crate::processor::Processor;
+use crate::processor::{Attempt, Processor};
 use crate::rebalance::{RebalanceEvents, RuntimeContext, restore};
 use crate::service::BuildContext;
 use crate::state::changelog_topic;
@@ -84,9 +84,9 @@ enum Slot {
     /// Nothing in flight: the next record or due timer starts at once.
     Idle,
     /// An attempt that did not finish at once runs in a task of its own.
-    Running { work: Work, attempt: u32, first_failure_at: Option<DateTime<Utc>>, task: AbortHandle, generation: u64 },
+    Running { work: Work, attempt: u32, first_at: Option<DateTime<Utc>>, task: AbortHandle, generation: u64 },
     /// A retry's backoff, or a downstream's pause: `work` is attempted again at `until`.
-    Waiting { work: Work, attempt: u32, first_failure_at: Option<DateTime<Utc>>, until: Instant },
+    Waiting { work: Work, attempt: u32, first_at: Option<DateTime<Utc>>, until: Instant },
     /// A bug of ours stopped the partition until the service is fixed and restarted.
     Stopped,
 }
@@ -339,21 +339,24 @@ impl<P: Processor> StreamRuntime<P> {
         partition: i32,
         work: Work,
         attempt: u32,
-        first_failure_at: Option<DateTime<Utc>>,
+        first_at: Option<DateTime<Utc>>,
     ) -> anyhow::Result<()> {
         let state = self.engine.partition(partition);
-        let mut attempting = self.engine.attempt(&work, &state);
+        let started = first_at.unwrap_or_else(|| self.engine.clock.now());
+        let first_at = Some(started);
+        let numbered = Attempt { number: attempt, first_at: started };
+        let mut attempting = self.engine.attempt(&work, &state, numbered);
         // Most attempts never wait (no I/O): finishing them here costs no task and keeps the
         // partition's records in one pass of the loop.
         if let Some(attempted) = AssertUnwindSafe(&mut attempting).catch_unwind().now_or_never() {
-            return self.complete(partition, work, attempt, first_failure_at, attempted);
+            return self.complete(partition, work, attempt, first_at, attempted);
         }
         let generation = self.generation;
         let task = self.tasks.spawn(async move {
             let attempted = AssertUnwindSafe(attempting).catch_unwind().await;
             (partition, generation, attempted)
         });
-        self.slots.insert(partition, Slot::Running { work, attempt, first_failure_at, task, generation });
+        self.slots.insert(partition, Slot::Running { work, attempt, first_at, task, generation });
         Ok(())
     }
 
@@ -368,11 +371,10 @@ impl<P: Processor> StreamRuntime<P> {
         {
             return Ok(());
         }
-        let Some(Slot::Running { work, attempt, first_failure_at, .. }) = self.slots.insert(partition, Slot::Idle)
-        else {
+        let Some(Slot::Running { work, attempt, first_at, .. }) = self.slots.insert(partition, Slot::Idle) else {
             unreachable!("checked above")
         };
-        self.complete(partition, work, attempt, first_failure_at, attempted)?;
+        self.complete(partition, work, attempt, first_at, attempted)?;
         self.drive(partition)
     }
 
@@ -382,7 +384,7 @@ impl<P: Processor> StreamRuntime<P> {
         partition: i32,
         work: Work,
         attempt: u32,
-        first_failure_at: Option<DateTime<Utc>>,
+        first_at: Option<DateTime<Utc>>,
         attempted: std::thread::Result<Attempted>,
     ) -> anyhow::Result<()> {
         let attempted = match attempted {
@@ -399,26 +401,27 @@ impl<P: Processor> StreamRuntime<P> {
             metrics.end_to_end.clone()
         });
         let state = self.engine.partition(partition);
-        let first_failure_at = first_failure_at.unwrap_or_else(|| self.engine.clock.now());
-        match self.engine.finish(&state, &work, attempted, attempt, first_failure_at) {
+        let first_at = first_at.unwrap_or_else(|| self.engine.clock.now());
+        match self.engine.finish(&state, &work, attempted, attempt, first_at) {
             Completion::Done { outputs, occurred_at } => {
                 self.transactions.write_outputs(outputs)?;
                 let end_to_end = end_to_end.zip(occurred_at);
                 self.done(partition, &work, end_to_end)
             }
             Completion::Duplicate => self.done(partition, &work, None),
-            Completion::DeadLetter(letter) => {
+            Completion::DeadLetter(letter, outputs) => {
                 self.transactions.write_dead_letter(&letter)?;
+                self.transactions.write_outputs(outputs)?;
                 self.done(partition, &work, None)
             }
             Completion::Retry { after, attempt, reason } => {
                 tracing::info!(partition, attempt, ?after, reason, "retrying after a transient failure");
-                self.wait(partition, work, attempt, first_failure_at, after);
+                self.wait(partition, work, attempt, first_at, after);
                 Ok(())
             }
             Completion::Pause { downstream, after, reason } => {
                 tracing::warn!(partition, downstream, ?after, reason, "downstream unavailable: partition paused");
-                self.wait(partition, work, attempt, first_failure_at, after);
+                self.wait(partition, work, attempt, first_at, after);
                 Ok(())
             }
             Completion::Stop { class, reason } => {
@@ -439,9 +442,9 @@ impl<P: Processor> StreamRuntime<P> {
         self.release(partition)
     }
 
-    fn wait(&mut self, partition: i32, work: Work, attempt: u32, first_failure_at: DateTime<Utc>, after: Duration) {
+    fn wait(&mut self, partition: i32, work: Work, attempt: u32, first_at: DateTime<Utc>, after: Duration) {
         let until = Instant::now() + after;
-        self.slots.insert(partition, Slot::Waiting { work, attempt, first_failure_at: Some(first_failure_at), until });
+        self.slots.insert(partition, Slot::Waiting { work, attempt, first_at: Some(first_at), until });
     }
 
     /// A bug of ours: the partition stops where it is; its records wait in Kafka.
@@ -484,10 +487,8 @@ impl<P: Processor> StreamRuntime<P> {
             .map(|(partition, _)| *partition)
             .collect();
         for partition in ended {
-            if let Some(Slot::Waiting { work, attempt, first_failure_at, .. }) =
-                self.slots.insert(partition, Slot::Idle)
-            {
-                self.start(partition, work, attempt, first_failure_at)?;
+            if let Some(Slot::Waiting { work, attempt, first_at, .. }) = self.slots.insert(partition, Slot::Idle) {
+                self.start(partition, work, attempt, first_at)?;
                 self.drive(partition)?;
             }
         }

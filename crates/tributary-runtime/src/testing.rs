@@ -33,7 +33,7 @@ use crate::clock::Clock;
 use crate::config::RetryConfig;
 use crate::engine::{Backoff, Completion, DeadLetterRecord, EncodedOutput, Engine, EngineSettings, Record, Work};
 use crate::kafka::partition_of;
-use crate::processor::{EncodeOutput, Processor};
+use crate::processor::{Attempt, EncodeOutput, Processor};
 use crate::state::{PartitionState, Store, StoredValue};
 
 /// Where the driver's clock starts unless told otherwise: a fixed time, so that tests repeat.
@@ -132,7 +132,7 @@ pub struct OutputRecord<T> {
 #[derive(Debug)]
 enum Slot {
     Idle,
-    Waiting { work: Work, attempt: u32, first_failure_at: DateTime<Utc>, until: DateTime<Utc> },
+    Waiting { work: Work, attempt: u32, first_at: DateTime<Utc>, until: DateTime<Utc> },
     Stopped,
 }
 
@@ -489,12 +489,11 @@ impl<P: Processor> TestDriver<P> {
                 .min();
             match (ended, timer) {
                 (Some((until, partition)), timer) if timer.is_none_or(|(due, _)| until.timestamp_millis() <= due) => {
-                    let Some(Slot::Waiting { work, attempt, first_failure_at, .. }) =
-                        self.slots.insert(partition, Slot::Idle)
+                    let Some(Slot::Waiting { work, attempt, first_at, .. }) = self.slots.insert(partition, Slot::Idle)
                     else {
                         unreachable!("found waiting above")
                     };
-                    ran.push(self.attempt(partition, work, attempt, Some(first_failure_at)).await);
+                    ran.push(self.attempt(partition, work, attempt, Some(first_at)).await);
                     ran.extend(self.run_partition(partition).await.into_iter().map(|(_, outcome)| outcome));
                 }
                 (_, Some((_, partition))) => {
@@ -512,17 +511,11 @@ impl<P: Processor> TestDriver<P> {
     }
 
     /// One attempt, and what its outcome means, committed at once.
-    async fn attempt(
-        &mut self,
-        partition: i32,
-        work: Work,
-        attempt: u32,
-        first_failure_at: Option<DateTime<Utc>>,
-    ) -> Outcome {
+    async fn attempt(&mut self, partition: i32, work: Work, attempt: u32, first_at: Option<DateTime<Utc>>) -> Outcome {
         let state = self.engine.partition(partition);
-        let attempted = self.engine.attempt(&work, &state).await;
-        let first_failure_at = first_failure_at.unwrap_or_else(|| self.engine.clock.now());
-        let completion = self.engine.finish(&state, &work, attempted, attempt, first_failure_at);
+        let first_at = first_at.unwrap_or_else(|| self.engine.clock.now());
+        let attempted = self.engine.attempt(&work, &state, Attempt { number: attempt, first_at }).await;
+        let completion = self.engine.finish(&state, &work, attempted, attempt, first_at);
         state.commit();
         let now = self.engine.clock.now();
         let to_duration = |after: Duration| chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
@@ -532,19 +525,20 @@ impl<P: Processor> TestDriver<P> {
                 Outcome::Processed
             }
             Completion::Duplicate => Outcome::Duplicate,
-            Completion::DeadLetter(letter) => {
+            Completion::DeadLetter(letter, outputs) => {
                 let class = letter.letter.class.clone();
                 self.dead_letters.push(*letter);
+                self.outputs.extend(outputs);
                 Outcome::DeadLettered(class)
             }
             Completion::Retry { after, attempt, .. } => {
                 let until = now + to_duration(after);
-                self.slots.insert(partition, Slot::Waiting { work, attempt, first_failure_at, until });
+                self.slots.insert(partition, Slot::Waiting { work, attempt, first_at, until });
                 Outcome::Retrying(attempt)
             }
             Completion::Pause { downstream, after, .. } => {
                 let until = now + to_duration(after);
-                self.slots.insert(partition, Slot::Waiting { work, attempt, first_failure_at, until });
+                self.slots.insert(partition, Slot::Waiting { work, attempt, first_at, until });
                 Outcome::Paused(downstream.to_owned())
             }
             Completion::Stop { class, reason } => {

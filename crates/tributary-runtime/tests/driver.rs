@@ -110,6 +110,12 @@ impl Processor for Scripted {
         let mut tally = context.get(TALLIES, &account)?.unwrap_or_default();
         tally.seen += 1;
         context.put(TALLIES, &account, &tally)?;
+        // What to say if this attempt ends in the DLQ: it names the attempt.
+        let outcome = format!("outcome/{}/attempt-{}", event.id, context.attempt().number);
+        context.emit_if_dead_lettered(Output::new(
+            account.clone(),
+            Self::recorded(&event.envelope, &outcome, context.now()),
+        ));
         match event.r#type.as_str() {
             "flaky" if self.attempt(&event.id) <= self.flaky_failures => {
                 return Err(ProcessError::retryable("flaky", "fails on purpose"));
@@ -211,7 +217,11 @@ async fn a_transient_failure_waits_its_backoff_on_the_clock_and_later_records_wa
     assert!(driver.advance(Duration::from_millis(99)).await.is_empty(), "the first backoff is 100 ms");
     assert_eq!(driver.advance(Duration::from_millis(1)).await, vec![Outcome::Retrying(3)]);
     assert_eq!(driver.advance(Duration::from_millis(200)).await, vec![Outcome::Processed, Outcome::Processed]);
-    assert_eq!(meters_of(&mut driver).await, vec![flaky.id, behind.id], "order within the partition is kept");
+    assert_eq!(
+        meters_of(&mut driver).await,
+        vec![flaky.id, behind.id],
+        "order within the partition is kept; no outcome of a failed attempt that was retried"
+    );
     assert_eq!(driver.get(TALLIES, "acct-1"), Some(Tally { seen: 2 }), "each record counted once");
     assert!(driver.metrics().contains(r#"tributary_retries_total{stage="process"} 2"#), "{}", driver.metrics());
     assert!(driver.dead_letters().is_empty());
@@ -228,6 +238,11 @@ async fn retries_that_run_out_dead_letter_the_record_with_the_attempts_made() {
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].letter.class, "flaky.retries_exhausted");
     assert_eq!(letters[0].letter.attempts, 3, "max_attempts in all");
+    assert_eq!(
+        meters_of(&mut driver).await,
+        vec![format!("outcome/{}/attempt-3", flaky.id)],
+        "the processor's outcome for the dead-letter case, from the last attempt only"
+    );
     assert_eq!(driver.pipe(event("acct-1", "ok")).await, Outcome::Processed, "the partition moved on");
 }
 
@@ -242,6 +257,11 @@ async fn a_permanent_failure_dead_letters_the_original_bytes_with_the_reason_hea
         )
         .await;
     assert_eq!(piped, Outcome::DeadLettered("validation".into()));
+    assert_eq!(
+        meters_of(&mut driver).await,
+        vec![format!("outcome/{}/attempt-1", poison.id)],
+        "the outcome is written with the dead letter, the record's other outputs are not"
+    );
     let letters = driver.dead_letters();
     let letter = &letters[0];
     assert_eq!(letter.letter.service, "driver-test");

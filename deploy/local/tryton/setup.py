@@ -20,6 +20,9 @@ and clients can find each record by the same name instead of hard-coding ids:
   product.product                 codes "USAGE-OVERAGE" ("Usage overage") and "SUBSCRIPTION"
                                   ("Subscription"), service products
   account.invoice.payment_term    name "Net 30" (also the default customer payment term)
+  account.invoice.payment.method  name "Tributary": journal "Cash" (code CASH, type cash),
+                                  debit and credit account "1.1.1 Cash and Cash Equivalents";
+                                  what erp-poster pays invoices with (account.invoice.pay)
   res.user admin                  company set to Tributary Demo Co
 
 Prints one line per record: "exists" or "created", with its id.
@@ -35,6 +38,11 @@ CURRENCY_CODE = "USD"
 CHART_TEMPLATE = "account.account_template_root_en"  # the English one of the charts shipped
 CATEGORY_NAME = "Services"
 PAYMENT_TERM_NAME = "Net 30"
+PAYMENT_METHOD_NAME = "Tributary"
+# The account module's own cash journal, and the chart's cash account: a customer payment
+# debits it and credits the invoice's receivable account.
+PAYMENT_JOURNAL_CODE = "CASH"
+PAYMENT_ACCOUNT_CODE = "1.1.1"  # "Cash and Cash Equivalents"
 PRODUCTS = [
     # (code, name, list price): prices are only defaults; erp-poster sends its own.
     ("USAGE-OVERAGE", "Usage overage", Decimal("0.01")),
@@ -68,6 +76,7 @@ def main(config_file, database):
         ensure_product(Model, category, code, name, price)
     payment_term = ensure_payment_term(Model)
     ensure_configuration(Model, payment_term)
+    ensure_payment_method(Model, company)
     return 0
 
 
@@ -246,6 +255,31 @@ def ensure_configuration(Model, payment_term):
     if configuration.default_customer_payment_term != payment_term:
         configuration.default_customer_payment_term = payment_term
         configuration.save()
+
+
+def ensure_payment_method(Model, company):
+    # What the invoice pay wizard (account.invoice.pay) books a payment with: the journal of
+    # the payment's move, and the account its counterpart line goes to (debit for money
+    # received, credit for money paid out). Looked up by name, as clients do.
+    Method = Model.get("account.invoice.payment.method")
+    found = Method.find([("name", "=", PAYMENT_METHOD_NAME), ("company", "=", company.id)])
+    if found:
+        report("account.invoice.payment.method", PAYMENT_METHOD_NAME, found[0], False)
+        return found[0]
+    Journal = Model.get("account.journal")
+    Account = Model.get("account.account")
+    journal = Journal.find([("code", "=", PAYMENT_JOURNAL_CODE), ("type", "=", "cash")], limit=1)
+    if not journal:
+        # The account module ships it; created only should a database lack it.
+        journal = [Journal(name="Cash", code=PAYMENT_JOURNAL_CODE, type="cash")]
+        journal[0].save()
+    account, = Account.find([("code", "=", PAYMENT_ACCOUNT_CODE), ("company", "=", company.id),
+                             ("type", "!=", None), ("closed", "!=", True)])
+    method = Method(name=PAYMENT_METHOD_NAME, company=company, journal=journal[0],
+                    debit_account=account, credit_account=account)
+    method.save()
+    report("account.invoice.payment.method", PAYMENT_METHOD_NAME, method, True)
+    return method
 
 
 if __name__ == "__main__":
