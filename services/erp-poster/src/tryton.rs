@@ -1,34 +1,66 @@
-//! A client of Tryton's JSON-RPC, the first ERP adapter of erp-poster.
+//! The Tryton adapter: erp-poster's documents as Tryton records, over JSON-RPC.
 //!
 //! Tryton is a real open-source ERP; the local stack runs it (deploy/local/tryton/README.md
 //! records the protocol as checked against trytond 8.2). Every call is
 //! `POST /<db>/rpc/ {"id", "method": "model.<model>.<method>", "params": [..., context]}` with
-//! `Authorization: Session base64(user:uid:token)`. Records are looked up by name or code,
-//! never by id, so the client works against any Tryton set up with the same master data.
+//! `Authorization: Session base64(user:uid:token)`. Records are looked up by code, never by id,
+//! so the adapter works against any Tryton set up with the same master data:
 //!
-//! Posting is idempotent by the external reference: [`TrytonClient::post_customer_invoice`]
-//! looks the reference up before it creates anything, and posts a draft it finds instead of
-//! creating a second one; this is what makes a retry after an ambiguous failure safe.
+//! - INVOICE: a customer invoice (`account.invoice`, type `out`) for the party whose `code` is
+//!   the posting's `erp_party_ref`, its lines' products by `code` (the default product when a
+//!   line names none) and revenue accounts by `code` (else the product's), created with the
+//!   external reference in `reference`, then posted;
+//! - CREDIT_NOTE: the same, with negative quantities, each line's `origin` the original
+//!   invoice's line (so `origin_invoices` names the original);
+//! - PAYMENT: the `account.invoice.pay` wizard on the invoice named by
+//!   `invoice_external_reference`, with the payment method of the settings and the external
+//!   reference as the payment's description (which is how it is found again); a full payment
+//!   leaves the invoice `paid`.
+//!
+//! Exactly once: the module `tributary_erp` (deploy/local/tryton/modules) makes
+//! (company, type, reference) unique, so a second invoice with a reference answers a
+//! `UserError` that this adapter reports as [`AdapterError::Duplicate`]. Tryton's writes have no
+//! server timeout and a write the client gave up on was seen landing 15 s later, so a miss of
+//! `find` after an ambiguous failure is trusted only after twice the client's RPC timeout
+//! ([`ErpAdapter::settle_time`]); the constraint covers what lands later still. A payment has
+//! no such constraint; paying an invoice twice in full is refused by Tryton itself ("You
+//! cannot overpay").
+//!
+//! Errors (../shared/notes/tryton.md): HTTP 200 with `"error": ["UserError", ...]` is a
+//! validation refusal; other exception classes (a traceback) are unexpected; HTTP 503
+//! ("database is locked") is transient and rolled back; a refused connection never reached the
+//! server; a timeout or a reset after the request was sent is ambiguous.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
-use chrono::{Datelike, NaiveDate};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use tokio::sync::RwLock;
+use tributary_contracts::types::{ErpDocumentType, ErpPosting, ErpPostingLine};
 
-/// How long one RPC may take; Tryton's own request timeout is 60 s.
-const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::adapter::{AdapterError, ErpAdapter, ErpDocument};
+use crate::settings::TrytonSettings;
 
-/// Errors talking to Tryton, classified for the retry decision.
+/// The text of the `tributary_erp` module's unique-reference message (its `ir.message`).
+const DUPLICATE_REFERENCE: &str = "reference is already used";
+
+/// Errors talking to Tryton, before they are classified.
 #[derive(Debug, thiserror::Error)]
 pub enum TrytonError {
-    /// The server could not be reached or timed out: the outcome is unknown; retry after
-    /// looking the document up.
-    #[error("tryton unreachable: {0}")]
-    Transport(String),
+    /// The server could not be reached, or the exchange broke off.
+    #[error("tryton unreachable: {message}")]
+    Transport {
+        /// What failed.
+        message: String,
+        /// Whether the request may have reached the server (not a refused connection).
+        ambiguous: bool,
+        /// A timeout rather than a reset.
+        timeout: bool,
+    },
     /// The server answered with an HTTP error status.
     #[error("tryton answered HTTP {status} to {method}")]
     Http {
@@ -37,7 +69,7 @@ pub enum TrytonError {
         /// The RPC method.
         method: String,
     },
-    /// A business rule refused the call (UserError / UserWarning): retrying cannot help.
+    /// The server raised an exception.
     #[error("tryton refused {method}: {kind}: {message}")]
     Refused {
         /// The RPC method.
@@ -47,7 +79,7 @@ pub enum TrytonError {
         /// Its message.
         message: String,
     },
-    /// The answer did not have the expected shape, or master data is missing.
+    /// The answer did not have the expected shape.
     #[error("unexpected answer from tryton: {0}")]
     Protocol(String),
 }
@@ -55,7 +87,51 @@ pub enum TrytonError {
 impl TrytonError {
     /// Whether the same call may succeed later.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Transport(_) | Self::Http { status: 429 | 500..=599, .. })
+        matches!(self, Self::Transport { .. } | Self::Http { status: 429 | 500..=599, .. })
+            || matches!(self, Self::Refused { kind, .. } if kind == "ConcurrencyException")
+    }
+}
+
+impl From<TrytonError> for AdapterError {
+    fn from(error: TrytonError) -> Self {
+        match error {
+            TrytonError::Transport { message, ambiguous, timeout } => AdapterError::Unavailable {
+                code: match (ambiguous, timeout) {
+                    (false, _) => "connect",
+                    (true, true) => "timeout",
+                    (true, false) => "connection_reset",
+                },
+                message,
+                ambiguous,
+            },
+            TrytonError::Http { status, method } if status == 429 || status >= 500 => AdapterError::Unavailable {
+                code: match status {
+                    503 => "http_503",
+                    429 => "http_429",
+                    _ => "http_5xx",
+                },
+                message: format!("HTTP {status} to {method}"),
+                // 503 is Tryton's "database is locked" after SQLite's retries: rolled back.
+                // A 500, or a 502/504 of a proxy, may have come after the work was done.
+                ambiguous: !matches!(status, 503 | 429),
+            },
+            TrytonError::Http { status, method } => AdapterError::Unexpected(format!("HTTP {status} to {method}")),
+            TrytonError::Refused { kind, message, .. }
+                if kind == "UserError" && message.contains(DUPLICATE_REFERENCE) =>
+            {
+                AdapterError::Duplicate { message }
+            }
+            TrytonError::Refused { kind, message, .. } if kind == "UserError" || kind == "UserWarning" => {
+                AdapterError::Rejected { code: "validation", message }
+            }
+            TrytonError::Refused { kind, message, .. } if kind == "ConcurrencyException" => {
+                AdapterError::Unavailable { code: "concurrency", message, ambiguous: false }
+            }
+            TrytonError::Refused { kind, message, method } => {
+                AdapterError::Unexpected(format!("{method}: {kind}: {message}"))
+            }
+            TrytonError::Protocol(message) => AdapterError::Unexpected(message),
+        }
     }
 }
 
@@ -76,6 +152,14 @@ pub fn read_decimal(value: &Value) -> Option<Decimal> {
     value.get("decimal")?.as_str()?.parse().ok()
 }
 
+/// Reads a datetime (`{"__class__": "datetime", ...}`, UTC) from Tryton's JSON.
+fn read_datetime(value: &Value) -> Option<DateTime<Utc>> {
+    let part = |name: &str| value.get(name).and_then(Value::as_i64);
+    let day = NaiveDate::from_ymd_opt(part("year")? as i32, part("month")? as u32, part("day")? as u32)?;
+    let time = day.and_hms_opt(part("hour")? as u32, part("minute")? as u32, part("second")? as u32)?;
+    Some(time.and_utc())
+}
+
 /// Where Tryton is and who to log in as.
 #[derive(Clone)]
 pub struct TrytonConfig {
@@ -87,6 +171,8 @@ pub struct TrytonConfig {
     pub user: String,
     /// Password; never logged.
     pub password: String,
+    /// How long one RPC may take.
+    pub rpc_timeout: Duration,
 }
 
 impl std::fmt::Debug for TrytonConfig {
@@ -96,6 +182,7 @@ impl std::fmt::Debug for TrytonConfig {
             .field("database", &self.database)
             .field("user", &self.user)
             .field("password", &"<redacted>")
+            .field("rpc_timeout", &self.rpc_timeout)
             .finish()
     }
 }
@@ -106,7 +193,7 @@ struct Session {
     context: Value,
 }
 
-/// A logged-in JSON-RPC client.
+/// A JSON-RPC client that logs in on its first call and again when its session expires.
 #[derive(Debug)]
 pub struct TrytonClient {
     config: TrytonConfig,
@@ -116,71 +203,15 @@ pub struct TrytonClient {
     next_id: AtomicU64,
 }
 
-/// A customer invoice to post.
-#[derive(Debug, Clone)]
-pub struct InvoiceDraft {
-    /// The external idempotency key, stored in the invoice's `reference`.
-    pub reference: String,
-    /// The customer party's name (created if it does not exist).
-    pub party_name: String,
-    /// ISO-4217 currency code.
-    pub currency: String,
-    /// The invoice date.
-    pub invoice_date: NaiveDate,
-    /// A description shown on the invoice.
-    pub description: String,
-    /// Lines.
-    pub lines: Vec<InvoiceLine>,
-}
-
-/// One invoice line.
-#[derive(Debug, Clone)]
-pub struct InvoiceLine {
-    /// Product code, e.g. `USAGE-OVERAGE`.
-    pub product_code: String,
-    /// Line description.
-    pub description: String,
-    /// Quantity.
-    pub quantity: Decimal,
-    /// Unit price (Tryton keeps 4 decimals).
-    pub unit_price: Decimal,
-}
-
-/// An invoice as Tryton has it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvoiceSummary {
-    /// Tryton's id.
-    pub id: i64,
-    /// The number given at posting, e.g. `INV/2026/3`.
-    pub number: Option<String>,
-    /// `draft`, `validated`, `posted`, `paid`, `cancelled`.
-    pub state: String,
-    /// Total with taxes.
-    pub total_amount: Decimal,
-    /// The external reference.
-    pub reference: Option<String>,
-}
-
-/// The outcome of an idempotent post.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PostOutcome {
-    /// Created and posted now.
-    Posted(InvoiceSummary),
-    /// An invoice with this reference was already posted; nothing was created.
-    AlreadyPosted(InvoiceSummary),
-}
-
 impl TrytonClient {
-    /// Logs in and loads the user's preferences, the context every call carries.
-    pub async fn connect(config: TrytonConfig) -> Result<Self> {
+    /// A client of `config`; nothing is sent yet.
+    pub fn new(config: TrytonConfig) -> Result<Self> {
         let rpc_url = format!("{}/{}/rpc/", config.url.trim_end_matches('/'), config.database);
         let http = reqwest::Client::builder()
-            .timeout(RPC_TIMEOUT)
+            .timeout(config.rpc_timeout)
             .build()
-            .map_err(|e| TrytonError::Transport(e.to_string()))?;
-        let client = Self { config, http, rpc_url, session: RwLock::default(), next_id: AtomicU64::new(1) };
-        client.login().await?;
-        Ok(client)
+            .map_err(|e| TrytonError::Protocol(e.to_string()))?;
+        Ok(Self { config, http, rpc_url, session: RwLock::default(), next_id: AtomicU64::new(1) })
     }
 
     async fn login(&self) -> Result<()> {
@@ -203,12 +234,17 @@ impl TrytonClient {
         if let Some(authorization) = authorization {
             request = request.header(reqwest::header::AUTHORIZATION, authorization);
         }
-        let response = request.send().await.map_err(|e| TrytonError::Transport(e.to_string()))?;
+        let transport = |e: reqwest::Error| TrytonError::Transport {
+            ambiguous: !e.is_connect(),
+            timeout: e.is_timeout(),
+            message: e.to_string(),
+        };
+        let response = request.send().await.map_err(transport)?;
         let status = response.status();
         if !status.is_success() {
             return Err(TrytonError::Http { status: status.as_u16(), method: method.to_owned() });
         }
-        let mut answer: Value = response.json().await.map_err(|e| TrytonError::Protocol(e.to_string()))?;
+        let mut answer: Value = response.json().await.map_err(transport)?;
         if let Some(error) = answer.get("error").filter(|e| !e.is_null()) {
             let kind = error.get(0).and_then(Value::as_str).unwrap_or("Error").to_owned();
             let message = match error.get(1) {
@@ -221,18 +257,26 @@ impl TrytonClient {
         Ok(answer["result"].take())
     }
 
-    /// Calls `model.<model_method>` with `args`; the context is appended. A session that
-    /// expired (HTTP 401) is renewed once.
-    pub async fn call(&self, model_method: &str, args: Vec<Value>) -> Result<Value> {
-        let method = format!("model.{model_method}");
+    /// The user's context (company, language, ...), logging in first if needed.
+    async fn context(&self) -> Result<(Option<String>, Value)> {
+        if self.session.read().await.authorization.is_none() {
+            self.login().await?;
+        }
+        let session = self.session.read().await;
+        Ok((session.authorization.clone(), session.context.clone()))
+    }
+
+    /// Calls `method` (e.g. `model.account.invoice.read`) with `args` and the context (merged
+    /// with `extra` context keys). A session that expired (HTTP 401) is renewed once.
+    async fn call_with(&self, method: &str, args: Vec<Value>, extra: Option<&Value>) -> Result<Value> {
         for attempt in 0..2 {
-            let (authorization, context) = {
-                let session = self.session.read().await;
-                (session.authorization.clone(), session.context.clone())
-            };
+            let (authorization, mut context) = self.context().await?;
+            if let (Some(extra), Some(context)) = (extra.and_then(Value::as_object), context.as_object_mut()) {
+                context.extend(extra.clone());
+            }
             let mut params = args.clone();
             params.push(context);
-            match self.post(&method, Value::Array(params), authorization.as_deref()).await {
+            match self.post(method, Value::Array(params), authorization.as_deref()).await {
                 Err(TrytonError::Http { status: 401, .. }) if attempt == 0 => self.login().await?,
                 other => return other,
             }
@@ -240,138 +284,405 @@ impl TrytonClient {
         unreachable!("the loop returns on its second attempt")
     }
 
-    /// The id of the single record of `model` matching `domain`.
-    pub async fn find_one(&self, model: &str, domain: Value) -> Result<i64> {
-        let ids = self.call(&format!("{model}.search"), vec![domain.clone(), json!(0), json!(2), Value::Null]).await?;
-        match ids.as_array().map(Vec::as_slice) {
-            Some([id]) => id.as_i64().ok_or_else(|| TrytonError::Protocol(format!("{model} id {id}"))),
-            other => Err(TrytonError::Protocol(format!(
-                "expected one {model} matching {domain}, found {}; is the ERP's master data set up?",
-                other.map_or(0, <[Value]>::len)
-            ))),
-        }
+    /// Calls `model.<model_method>` with `args`; the context is appended.
+    pub async fn call(&self, model_method: &str, args: Vec<Value>) -> Result<Value> {
+        self.call_with(&format!("model.{model_method}"), args, None).await
     }
 
-    async fn read(&self, model: &str, ids: &[i64], fields: &[&str]) -> Result<Vec<Value>> {
+    /// The ids of `model` matching `domain`, at most `limit`.
+    pub async fn search(&self, model: &str, domain: Value, limit: Option<u32>) -> Result<Vec<i64>> {
+        let ids = self.call(&format!("{model}.search"), vec![domain, json!(0), json!(limit), Value::Null]).await?;
+        ids.as_array()
+            .map(|ids| ids.iter().filter_map(Value::as_i64).collect())
+            .ok_or_else(|| TrytonError::Protocol(format!("{model}.search answered {ids}")))
+    }
+
+    /// Reads `fields` of `ids` of `model`, in the order of `ids`.
+    pub async fn read(&self, model: &str, ids: &[i64], fields: &[&str]) -> Result<Vec<Value>> {
         let answer = self.call(&format!("{model}.read"), vec![json!(ids), json!(fields)]).await?;
-        answer.as_array().cloned().ok_or_else(|| TrytonError::Protocol(format!("{model}.read answered {answer}")))
+        let mut rows = answer
+            .as_array()
+            .cloned()
+            .ok_or_else(|| TrytonError::Protocol(format!("{model}.read answered {answer}")))?;
+        rows.sort_by_key(|row| ids.iter().position(|id| row["id"].as_i64() == Some(*id)));
+        Ok(rows)
     }
 
-    /// Finds the customer invoice whose reference is `reference`.
-    pub async fn find_invoice(&self, reference: &str) -> Result<Option<InvoiceSummary>> {
-        let ids = self
-            .call(
-                "account.invoice.search",
-                vec![json!([["reference", "=", reference], ["type", "=", "out"]]), json!(0), Value::Null, Value::Null],
-            )
-            .await?;
-        match ids.as_array().and_then(|ids| ids.first()).and_then(Value::as_i64) {
-            Some(id) => self.read_invoice(id).await.map(Some),
-            None => Ok(None),
+    /// The party whose code is `code`, created with a name and an address if missing: for
+    /// setting up the ERP's master data (tests, the demo), never on the posting path.
+    pub async fn ensure_party(&self, code: &str, name: &str) -> Result<i64> {
+        if let Some(id) = self.search("party.party", json!([["code", "=", code]]), Some(1)).await?.first() {
+            return Ok(*id);
         }
-    }
-
-    /// Reads an invoice.
-    pub async fn read_invoice(&self, id: i64) -> Result<InvoiceSummary> {
-        let rows = self.read("account.invoice", &[id], &["id", "number", "state", "total_amount", "reference"]).await?;
-        let row = rows.first().ok_or_else(|| TrytonError::Protocol(format!("invoice {id} not found")))?;
-        Ok(InvoiceSummary {
-            id,
-            number: row["number"].as_str().map(str::to_owned),
-            state: row["state"].as_str().unwrap_or_default().to_owned(),
-            total_amount: read_decimal(&row["total_amount"]).unwrap_or_default(),
-            reference: row["reference"].as_str().map(str::to_owned),
-        })
-    }
-
-    /// The party named `name`, created with a default address if it does not exist.
-    pub async fn ensure_party(&self, name: &str) -> Result<i64> {
-        let ids = self
-            .call("party.party.search", vec![json!([["name", "=", name]]), json!(0), json!(1), Value::Null])
+        let created = self
+            .call("party.party.create", vec![json!([{"code": code, "name": name, "addresses": [["create", [{}]]]}])])
             .await?;
-        if let Some(id) = ids.as_array().and_then(|ids| ids.first()).and_then(Value::as_i64) {
-            return Ok(id);
-        }
-        let created =
-            self.call("party.party.create", vec![json!([{"name": name, "addresses": [["create", [{}]]]}])]).await?;
         created
             .get(0)
             .and_then(Value::as_i64)
             .ok_or_else(|| TrytonError::Protocol(format!("party.party.create answered {created}")))
     }
+}
 
-    /// Posts `draft` exactly once per reference: finds it first, posts a draft left by an
-    /// interrupted earlier attempt, and creates it only when it does not exist.
-    pub async fn post_customer_invoice(&self, draft: &InvoiceDraft) -> Result<PostOutcome> {
-        if let Some(existing) = self.find_invoice(&draft.reference).await? {
-            return match existing.state.as_str() {
-                "draft" | "validated" => {
-                    self.call("account.invoice.post", vec![json!([existing.id])]).await?;
-                    Ok(PostOutcome::Posted(self.read_invoice(existing.id).await?))
-                }
-                _ => Ok(PostOutcome::AlreadyPosted(existing)),
-            };
+/// An invoice as Tryton has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvoiceRecord {
+    /// Tryton's id.
+    pub id: i64,
+    /// The number given at posting, e.g. `INV/2026/3`.
+    pub number: Option<String>,
+    /// `draft`, `validated`, `posted`, `paid`, `cancelled`.
+    pub state: String,
+    /// Total with taxes.
+    pub total_amount: Decimal,
+    /// What remains to be paid.
+    pub amount_to_pay: Decimal,
+    /// The external reference.
+    pub reference: Option<String>,
+    /// Its lines' ids, in order.
+    pub lines: Vec<i64>,
+    /// When it was created.
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+impl InvoiceRecord {
+    fn document(&self) -> ErpDocument {
+        ErpDocument {
+            id: format!("account.invoice,{}", self.id),
+            number: self.number.clone(),
+            state: self.state.clone(),
+            total: self.total_amount,
+            created_at: self.created_at,
         }
-        let id = self.create_invoice(draft).await?;
-        self.call("account.invoice.post", vec![json!([id])]).await?;
-        Ok(PostOutcome::Posted(self.read_invoice(id).await?))
+    }
+}
+
+const INVOICE_FIELDS: [&str; 8] =
+    ["id", "number", "state", "total_amount", "amount_to_pay", "reference", "lines", "create_date"];
+
+/// The Tryton adapter.
+#[derive(Debug)]
+pub struct TrytonAdapter {
+    client: TrytonClient,
+    default_product: String,
+    payment_method: String,
+    settle: Duration,
+    /// Ids of records that do not change (currencies, products, accounts, journals), by
+    /// `model|code`.
+    ids: RwLock<HashMap<String, i64>>,
+}
+
+fn rejected(code: &'static str, message: String) -> AdapterError {
+    AdapterError::Rejected { code, message }
+}
+
+impl TrytonAdapter {
+    /// An adapter over the server of `settings`; it logs in on its first call.
+    pub fn new(settings: &TrytonSettings, password: String) -> anyhow::Result<Self> {
+        let config = TrytonConfig {
+            url: settings.url.clone(),
+            database: settings.database.clone(),
+            user: settings.user.clone(),
+            password,
+            rpc_timeout: settings.rpc_timeout,
+        };
+        Ok(Self {
+            client: TrytonClient::new(config)?,
+            default_product: settings.default_product.clone(),
+            payment_method: settings.payment_method.clone(),
+            // See the module doc: twice the longest call the client waits for.
+            settle: settings.rpc_timeout * 2,
+            ids: RwLock::default(),
+        })
     }
 
-    async fn create_invoice(&self, draft: &InvoiceDraft) -> Result<i64> {
-        let company = self.session.read().await.context.get("company").cloned().unwrap_or(Value::Null);
-        let currency = self.find_one("currency.currency", json!([["code", "=", draft.currency]])).await?;
-        let journal = self.find_one("account.journal", json!([["type", "=", "revenue"]])).await?;
-        let payment_term = self.find_one("account.invoice.payment_term", json!([["name", "=", "Net 30"]])).await?;
-        let party_id = self.ensure_party(&draft.party_name).await?;
-        let party = self.read("party.party", &[party_id], &["addresses", "account_receivable"]).await?;
-        let party = party.first().ok_or_else(|| TrytonError::Protocol("party vanished".into()))?;
-        let receivable = match party["account_receivable"].as_i64() {
+    /// The client, for setting up master data.
+    pub fn client(&self) -> &TrytonClient {
+        &self.client
+    }
+
+    /// The id of the one `model` record whose `field` is `value`, remembered; a record that
+    /// does not exist is a refusal of the document that names it (`code`).
+    async fn id_of(
+        &self,
+        model: &str,
+        field: &str,
+        value: &str,
+        code: &'static str,
+        cache: bool,
+    ) -> Result<i64, AdapterError> {
+        let key = format!("{model}|{field}|{value}");
+        if let Some(id) = self.ids.read().await.get(&key) {
+            return Ok(*id);
+        }
+        let found = self.client.search(model, json!([[field, "=", value]]), Some(2)).await?;
+        match found.as_slice() {
+            [id] => {
+                if cache {
+                    self.ids.write().await.insert(key, *id);
+                }
+                Ok(*id)
+            }
+            [] => Err(rejected(code, format!("no {model} with {field} {value:?} in Tryton"))),
+            _ => Err(rejected(code, format!("several {model} records with {field} {value:?} in Tryton"))),
+        }
+    }
+
+    /// The invoice (customer invoice or credit note) whose reference is `reference`.
+    pub async fn find_invoice(&self, reference: &str) -> Result<Option<InvoiceRecord>, AdapterError> {
+        let ids = self
+            .client
+            .search("account.invoice", json!([["reference", "=", reference], ["type", "=", "out"]]), Some(1))
+            .await?;
+        match ids.first() {
+            Some(id) => self.read_invoice(*id).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn read_invoice(&self, id: i64) -> Result<InvoiceRecord, AdapterError> {
+        let rows = self.client.read("account.invoice", &[id], &INVOICE_FIELDS).await?;
+        let row = rows.first().ok_or_else(|| AdapterError::Unexpected(format!("invoice {id} vanished")))?;
+        Ok(InvoiceRecord {
+            id,
+            number: row["number"].as_str().map(str::to_owned),
+            state: row["state"].as_str().unwrap_or_default().to_owned(),
+            total_amount: read_decimal(&row["total_amount"]).unwrap_or_default(),
+            amount_to_pay: read_decimal(&row["amount_to_pay"]).unwrap_or_default(),
+            reference: row["reference"].as_str().map(str::to_owned),
+            lines: row["lines"].as_array().map(|l| l.iter().filter_map(Value::as_i64).collect()).unwrap_or_default(),
+            created_at: read_datetime(&row["create_date"]),
+        })
+    }
+
+    /// The payment recorded with `reference` as its description: its move, and the invoice.
+    async fn find_payment(&self, posting: &ErpPosting) -> Result<Option<ErpDocument>, AdapterError> {
+        let reference = &posting.external_reference;
+        let moves = self.client.search("account.move", json!([["description", "=", reference]]), Some(1)).await?;
+        let Some(id) = moves.first() else { return Ok(None) };
+        let rows = self.client.read("account.move", &[*id], &["id", "number", "state", "create_date"]).await?;
+        let row = rows.first().ok_or_else(|| AdapterError::Unexpected(format!("move {id} vanished")))?;
+        let total = posting.payment.as_ref().map_or(Decimal::ZERO, |p| p.amount.value());
+        Ok(Some(ErpDocument {
+            id: format!("account.move,{id}"),
+            number: row["number"].as_str().map(str::to_owned),
+            state: row["state"].as_str().unwrap_or_default().to_owned(),
+            total,
+            created_at: read_datetime(&row["create_date"]),
+        }))
+    }
+
+    async fn line_values(
+        &self,
+        line: &ErpPostingLine,
+        negate: bool,
+        origin: Option<i64>,
+    ) -> Result<Value, AdapterError> {
+        let product_code = line.product_code.clone().unwrap_or_else(|| self.default_product.clone());
+        let product = self.id_of("product.product", "code", &product_code, "unknown_product", true).await?;
+        let rows = self
+            .client
+            .read("product.product", &[product], &["default_uom", "account_category.account_revenue"])
+            .await?;
+        let row = rows.first().ok_or_else(|| AdapterError::Unexpected("product vanished".into()))?;
+        let account = match &line.account_code {
+            Some(code) => json!(self.id_of("account.account", "code", code, "unknown_account", true).await?),
+            // Tryton answers a dotted field under the key of its first part plus a dot.
+            None => row["account_category."]["account_revenue"].clone(),
+        };
+        let quantity = line.quantity.value();
+        let quantity = if negate { -quantity } else { quantity };
+        let mut values = json!({
+            "type": "line",
+            "product": product,
+            "unit": row["default_uom"],
+            "account": account,
+            "description": line.description,
+            // Tryton's quantity is a float field.
+            "quantity": quantity.to_string().parse::<f64>().unwrap_or_default(),
+            "unit_price": decimal(line.unit_price.value()),
+        });
+        if let Some(origin) = origin {
+            values["origin"] = json!(format!("account.invoice.line,{origin}"));
+        }
+        Ok(values)
+    }
+
+    /// Creates and posts the invoice or credit note of `posting`.
+    async fn create_invoice(&self, posting: &ErpPosting) -> Result<ErpDocument, AdapterError> {
+        let credit = posting.document_type == ErpDocumentType::CreditNote;
+        let origins = match (&posting.original_document_ref, credit) {
+            (Some(original), true) => {
+                let original = self.find_invoice(original).await?.ok_or_else(|| {
+                    rejected(
+                        "unknown_original",
+                        format!("the invoice {original} this credit note reverses is not in Tryton"),
+                    )
+                })?;
+                original.lines
+            }
+            (None, true) => return Err(rejected("validation", "a credit note without original_document_ref".into())),
+            _ => Vec::new(),
+        };
+        let party = self.id_of("party.party", "code", &posting.erp_party_ref, "unknown_party", false).await?;
+        let currency = self.id_of("currency.currency", "code", &posting.currency, "unknown_currency", true).await?;
+        let journal = self.id_of("account.journal", "type", "revenue", "setup", true).await?;
+        let (_, context) = self.client.context().await?;
+        let rows = self.client.read("party.party", &[party], &["addresses", "account_receivable"]).await?;
+        let party_row = rows.first().ok_or_else(|| AdapterError::Unexpected("party vanished".into()))?;
+        let receivable = match party_row["account_receivable"].as_i64() {
             Some(account) => account,
             None => {
-                let config = self.read("account.configuration", &[1], &["default_account_receivable"]).await?;
+                let config = self.client.read("account.configuration", &[1], &["default_account_receivable"]).await?;
                 config.first().and_then(|c| c["default_account_receivable"].as_i64()).ok_or_else(|| {
-                    TrytonError::Protocol("no default receivable account in account.configuration".into())
+                    AdapterError::Unexpected("no default receivable account in account.configuration".into())
                 })?
             }
         };
-        let address = party["addresses"].get(0).cloned().unwrap_or(Value::Null);
-
-        let mut lines = Vec::with_capacity(draft.lines.len());
-        for line in &draft.lines {
-            let product = self.find_one("product.product", json!([["code", "=", line.product_code]])).await?;
-            let rows =
-                self.read("product.product", &[product], &["default_uom", "account_category.account_revenue"]).await?;
-            let row = rows.first().ok_or_else(|| TrytonError::Protocol("product vanished".into()))?;
-            // Tryton answers a dotted field under the key of its first part plus a dot.
-            let revenue = row["account_category."]["account_revenue"].clone();
-            lines.push(json!({
-                "type": "line",
-                "product": product,
-                "unit": row["default_uom"],
-                "account": revenue,
-                "description": line.description,
-                "quantity": line.quantity.to_string().parse::<f64>().unwrap_or_default(),
-                "unit_price": decimal(line.unit_price),
-            }));
+        let mut lines = Vec::with_capacity(posting.lines.len());
+        for (index, line) in posting.lines.iter().enumerate() {
+            // The credit note's lines follow the original's, line by line.
+            let origin = (origins.len() == posting.lines.len()).then(|| origins[index]);
+            lines.push(self.line_values(line, credit, origin).await?);
         }
-        let values = json!([{
+        let invoice_date = NaiveDate::from_ymd_opt(1970, 1, 1)
+            .and_then(|epoch| {
+                epoch.checked_add_days(chrono::Days::new(u64::try_from(posting.document_date).unwrap_or_default()))
+            })
+            .ok_or_else(|| rejected("validation", format!("document_date {} is not a date", posting.document_date)))?;
+        let mut values = json!({
             "type": "out",
-            "company": company,
-            "party": party_id,
-            "invoice_address": address,
+            "company": context.get("company").cloned().unwrap_or(Value::Null),
+            "party": party,
+            "invoice_address": party_row["addresses"].get(0).cloned().unwrap_or(Value::Null),
             "currency": currency,
             "journal": journal,
             "account": receivable,
-            "payment_term": payment_term,
-            "invoice_date": date(draft.invoice_date),
-            "reference": draft.reference,
-            "description": draft.description,
+            "invoice_date": date(invoice_date),
+            "reference": posting.external_reference,
+            "description": posting.description,
             "lines": [["create", lines]],
-        }]);
-        let created = self.call("account.invoice.create", vec![values]).await?;
-        created
+        });
+        // The party's terms decide the due date in Tryton (the local set-up's "Net 30").
+        if let Ok(term) = self.id_of("account.invoice.payment_term", "name", "Net 30", "setup", true).await {
+            values["payment_term"] = json!(term);
+        }
+        let created = self.client.call("account.invoice.create", vec![json!([values])]).await?;
+        let id = created
             .get(0)
             .and_then(Value::as_i64)
-            .ok_or_else(|| TrytonError::Protocol(format!("account.invoice.create answered {created}")))
+            .ok_or_else(|| AdapterError::Unexpected(format!("create answered {created}")))?;
+        self.client.call("account.invoice.post", vec![json!([id])]).await?;
+        Ok(self.read_invoice(id).await?.document())
+    }
+
+    /// Records the PAYMENT of `posting` against its invoice with the pay wizard.
+    async fn pay(&self, posting: &ErpPosting) -> Result<ErpDocument, AdapterError> {
+        let payment =
+            posting.payment.as_ref().ok_or_else(|| rejected("validation", "a PAYMENT without its payment".into()))?;
+        let invoice_reference = payment.invoice_external_reference.as_ref().ok_or_else(|| {
+            rejected(
+                "unmatched_payment",
+                format!("payment {} names no invoice: Tryton does not match payments itself", payment.payment_id),
+            )
+        })?;
+        let invoice = self.find_invoice(invoice_reference).await?.ok_or_else(|| {
+            rejected(
+                "unknown_invoice",
+                format!("the invoice {invoice_reference} this payment settles is not in Tryton"),
+            )
+        })?;
+        let currency = self.id_of("currency.currency", "code", &posting.currency, "unknown_currency", true).await?;
+        let method = self.id_of("account.invoice.payment.method", "name", &self.payment_method, "setup", true).await?;
+        let extra = json!({"active_model": "account.invoice", "active_id": invoice.id, "active_ids": [invoice.id]});
+        let session = self.client.call_with("wizard.account.invoice.pay.create", Vec::new(), Some(&extra)).await?;
+        let session = session
+            .get(0)
+            .cloned()
+            .ok_or_else(|| AdapterError::Unexpected(format!("pay wizard create answered {session}")))?;
+        let paid_on = DateTime::<Utc>::from_timestamp_millis(payment.paid_at).unwrap_or_default().date_naive();
+        let start = json!({
+            "amount": decimal(payment.amount.value()),
+            "currency": currency,
+            "payment_method": method,
+            "date": date(paid_on),
+            "description": posting.external_reference,
+        });
+        let outcome = async {
+            let answer = self
+                .client
+                .call_with(
+                    "wizard.account.invoice.pay.execute",
+                    vec![session.clone(), json!({"start": start}), json!("choice")],
+                    Some(&extra),
+                )
+                .await?;
+            // A full payment goes straight through (answers {}); less than what is due stops at
+            // the "ask" state, where a partial payment is confirmed; more is an overpayment.
+            let asked = answer.pointer("/view/state").and_then(Value::as_str) == Some("ask");
+            if asked {
+                if payment.amount.value() > invoice.amount_to_pay {
+                    return Err(rejected(
+                        "overpayment",
+                        format!(
+                            "{} is more than the {} still due on {invoice_reference}",
+                            payment.amount, invoice.amount_to_pay
+                        ),
+                    ));
+                }
+                self.client
+                    .call_with(
+                        "wizard.account.invoice.pay.execute",
+                        vec![session.clone(), json!({"ask": {"type": "partial"}}), json!("pay")],
+                        Some(&extra),
+                    )
+                    .await?;
+            }
+            Ok(())
+        }
+        .await;
+        // The wizard's session is cleaned up whatever happened; a failure to do so is harmless.
+        let _ = self.client.call_with("wizard.account.invoice.pay.delete", vec![session], Some(&extra)).await;
+        outcome?;
+        self.find_payment(posting).await?.ok_or_else(|| {
+            AdapterError::Unexpected(format!("payment {} not found after the wizard", posting.external_reference))
+        })
+    }
+}
+
+impl ErpAdapter for TrytonAdapter {
+    fn system(&self) -> &'static str {
+        "tryton"
+    }
+
+    async fn find(&self, posting: &ErpPosting) -> Result<Option<ErpDocument>, AdapterError> {
+        if posting.document_type == ErpDocumentType::Payment {
+            return self.find_payment(posting).await;
+        }
+        let Some(invoice) = self.find_invoice(&posting.external_reference).await? else { return Ok(None) };
+        if matches!(invoice.state.as_str(), "draft" | "validated") {
+            // An earlier attempt created it and stopped before posting it: finish its work.
+            self.client.call("account.invoice.post", vec![json!([invoice.id])]).await?;
+            return Ok(Some(self.read_invoice(invoice.id).await?.document()));
+        }
+        Ok(Some(invoice.document()))
+    }
+
+    async fn create(&self, posting: &ErpPosting) -> Result<ErpDocument, AdapterError> {
+        match posting.document_type {
+            ErpDocumentType::Invoice | ErpDocumentType::CreditNote => self.create_invoice(posting).await,
+            ErpDocumentType::Payment => self.pay(posting).await,
+            ErpDocumentType::Unknown => {
+                Err(rejected("validation", "a document type this release does not know".into()))
+            }
+        }
+    }
+
+    async fn health(&self) -> Result<(), AdapterError> {
+        self.client.context().await.map(drop).map_err(AdapterError::from)
+    }
+
+    fn settle_time(&self) -> Duration {
+        self.settle
     }
 }
