@@ -2,7 +2,8 @@
 # Fetches what the local stack runs, into $TRIBUTARY_CACHE_DIR, on first use only:
 #   kafka-<v>/libs/                 Kafka broker + tools jars, from Maven Central (kafka/pom.xml)
 #   apicurio-registry-<v>/          Apicurio Registry (Quarkus app), from Maven Central
-#   tryton-venv-<v>/                virtualenv with trytond + modules + proteus, from PyPI
+#   tryton-venv-<v>/                virtualenv with trytond + modules + proteus, from PyPI, plus
+#                                   this repository's own modules (tryton/modules/*), copied in
 #
 # Each one is complete only when its stamp file (.complete) exists and holds the inputs it was
 # built from (versions, the pom's or requirements' checksum). A download that was cut short
@@ -92,6 +93,11 @@ fetch_registry() {
 }
 
 fetch_tryton() {
+  build_tryton_venv
+  install_tryton_modules
+}
+
+build_tryton_venv() {
   # A virtualenv cannot be moved after creation (its scripts name its absolute path), so it
   # is built in place; without a matching stamp it is deleted and rebuilt from scratch.
   local venv=$TRIBUTARY_TRYTON_VENV
@@ -107,6 +113,36 @@ fetch_tryton() {
     tb_die "Tryton install incomplete"
   stamp_of tryton >"$venv/.complete"
   tb_log "Tryton installed in $(tb_elapsed "$started")s"
+}
+
+# This repository's own Tryton modules (tryton/modules/<name>, e.g. tributary_erp) go into
+# the virtualenv's trytond/modules folder, where trytond finds a module by its folder name
+# (trytond.modules.<name>). Copied, not linked or pip-installed in editable mode: the venv is
+# shared by every checkout, and a link would tie it to one of them (and break when that
+# checkout moves). Each copy holds the checksum of what it was copied from (.tributary-sum);
+# a copy whose sum differs from this checkout's folder is replaced, so every up.sh runs its
+# own checkout's version. A running trytond is unaffected: it imported its modules at start.
+# The copy is assembled under a name with a dot, which trytond's module scan skips, and
+# renamed into place.
+install_tryton_modules() {
+  local venv=$TRIBUTARY_TRYTON_VENV modules src name sum dest
+  modules=$("$venv/bin/python" -c \
+    'import importlib.util as u; print(u.find_spec("trytond.modules").submodule_search_locations[0])') ||
+    tb_die "no trytond in $venv"
+  for src in "$here/tryton/modules"/*/; do
+    [[ -f "$src/tryton.cfg" ]] || continue
+    name=$(basename "$src")
+    sum=$(tb_tree_sum "$src")
+    dest="$modules/$name"
+    [[ -f "$dest/.tributary-sum" && "$(<"$dest/.tributary-sum")" == "$sum" ]] && continue
+    tb_log "installing Tryton module $name into $venv"
+    rm -rf "$dest.partial"
+    cp -R "$src" "$dest.partial"
+    rm -rf "$dest.partial/__pycache__"
+    printf '%s\n' "$sum" >"$dest.partial/.tributary-sum"
+    rm -rf "$dest"
+    mv "$dest.partial" "$dest"
+  done
 }
 
 main() {

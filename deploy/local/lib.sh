@@ -181,6 +181,16 @@ tb_wait_reaped() {
   tb_log "not yet reaped by init after 5 s (harmless zombies): $pids"
 }
 
+# --- Checksums ---------------------------------------------------------------------------
+
+# Checksum of a folder's files: their paths (relative to it) and contents, in a fixed order.
+# Compiled Python (__pycache__, *.pyc) and the stamp fetch.sh writes into a copy are left out,
+# so a folder and its copy in the Tryton virtualenv give the same sum.
+tb_tree_sum() {
+  (cd "$1" && find . -type f ! -path '*/__pycache__/*' ! -name '*.pyc' ! -name .tributary-sum \
+    -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum) | sha256sum | cut -d' ' -f1
+}
+
 # --- Java ----------------------------------------------------------------------------------
 
 # Major version of a java executable ("17", "25"), or nothing.

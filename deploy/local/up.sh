@@ -170,7 +170,11 @@ start_registry() {
 # --- Tryton ---------------------------------------------------------------------------------
 
 tryton_dir="$TRIBUTARY_RUN_DIR/tryton"
-tryton_modules=(ir res country currency company party product account account_product account_invoice)
+# This repository's own modules, in tryton/modules/ (fetch.sh copies them into the venv):
+#   tributary_erp  unique invoice reference (company, type, reference), see its invoice.py
+tryton_own_modules=(tributary_erp)
+tryton_modules=(ir res country currency company party product account account_product account_invoice
+  "${tryton_own_modules[@]}")
 
 write_tryton_config() {
   mkdir -p "$tryton_dir"
@@ -208,6 +212,30 @@ init_tryton_db() {
   touch "$stamp"
 }
 
+# What this repository's own modules (tryton/modules) were when last activated or updated on
+# this database: their checksum.
+modules_stamp() { tb_tree_sum "$here/tryton/modules"; }
+
+# On a database initialised before (the .initialised stamp), activates this repository's
+# modules, or updates them, with `trytond-admin -u` when their checksum changed since it last
+# ran here (a new module, or a new version of one: new constraints, fields, messages);
+# otherwise skipped. A few seconds.
+update_tryton_modules() {
+  local stamp="$tryton_dir/.modules" log="$TRIBUTARY_LOG_DIR/tryton-admin.log"
+  [[ -f "$stamp" && "$(<"$stamp")" == "$(modules_stamp)" ]] && return 0
+  tb_log "activating/updating Tryton modules ${tryton_own_modules[*]} on database $TRIBUTARY_TRYTON_DB"
+  if ! (cd "$tryton_dir" && "$TRIBUTARY_TRYTON_VENV/bin/trytond-admin" \
+    -c "$TRIBUTARY_TRYTON_CONF" -d "$TRIBUTARY_TRYTON_DB" -u "${tryton_own_modules[@]}" \
+    </dev/null >>"$log" 2>&1); then
+    tb_show_logs "$log"
+    # tributary_erp's unique index cannot be created while two invoices of a type share a
+    # reference (the log then names "UNIQUE constraint failed").
+    tb_die "trytond-admin -u ${tryton_own_modules[*]} failed (duplicate invoice references" \
+      "in $TRIBUTARY_TRYTON_DB? fix them, or start afresh with down.sh --purge)"
+  fi
+  modules_stamp >"$stamp"
+}
+
 # What setup.py last ran from: its checksum and the year (it creates this and next year's
 # fiscal years).
 setup_stamp() { printf '%s %s\n' "$(sha256sum <"$here/tryton/setup.py" | cut -d' ' -f1)" "$(date +%Y)"; }
@@ -233,7 +261,8 @@ tryton_template() {
   local key
   key=$({
     cat "$here/tryton/requirements.txt" "$here/tryton/setup.py"
-    printf '%s\n' "${tryton_modules[*]}" "$TRIBUTARY_TRYTON_PASSWORD" "$(date +%Y)"
+    printf '%s\n' "${tryton_modules[*]}" "$(modules_stamp)" "$TRIBUTARY_TRYTON_PASSWORD" \
+      "$(date +%Y)"
   } | sha256sum | cut -c1-16)
   printf '%s/tryton-db-templates/%s.sqlite\n' "$TRIBUTARY_CACHE_DIR" "$key"
 }
@@ -244,6 +273,7 @@ tryton_template() {
 prepare_tryton_db() {
   local db="$tryton_dir/$TRIBUTARY_TRYTON_DB.sqlite" template
   if [[ -f "$tryton_dir/.initialised" ]]; then
+    update_tryton_modules
     setup_tryton
     return 0
   fi
@@ -252,10 +282,12 @@ prepare_tryton_db() {
     tb_log "creating Tryton database $TRIBUTARY_TRYTON_DB from the cached template"
     cp "$template" "$db"
     setup_stamp >"$tryton_dir/.setup"
+    modules_stamp >"$tryton_dir/.modules"
     touch "$tryton_dir/.initialised"
     return 0
   fi
   init_tryton_db
+  modules_stamp >"$tryton_dir/.modules"
   setup_tryton
   mkdir -p "$(dirname "$template")"
   cp "$db" "$template.partial.$$"

@@ -127,7 +127,11 @@ async fn a_credit_note_reverses_its_invoice_and_names_it() {
     credit.document_type = ErpDocumentType::CreditNote;
     credit.original_document_ref = Some(original_reference.clone());
     let reversed = adapter.create(&credit).await.expect("a credit note");
-    assert_eq!((reversed.state.as_str(), reversed.total), ("posted", Decimal::new(-4900, 2)));
+    assert_eq!(reversed.total, Decimal::new(-4900, 2));
+    assert_eq!(reversed.state, "paid", "reconciled with the invoice it reverses in full");
+    let original_id: i64 = original.id.trim_start_matches("account.invoice,").parse().unwrap();
+    let settled = adapter.client().read("account.invoice", &[original_id], &["state"]).await.unwrap();
+    assert_eq!(settled[0]["state"], "paid", "the reversed invoice is settled too");
     let lines = invoice_lines(&adapter, &reversed.id).await;
     let original_lines = invoice_lines(&adapter, &original.id).await;
     assert_eq!(lines[0].0, -1.0, "a negative quantity");
@@ -138,7 +142,6 @@ async fn a_credit_note_reverses_its_invoice_and_names_it() {
     assert_eq!(original_lines.len(), 1);
     let id: i64 = reversed.id.trim_start_matches("account.invoice,").parse().unwrap();
     let origins = adapter.client().read("account.invoice", &[id], &["origin_invoices"]).await.unwrap();
-    let original_id: i64 = original.id.trim_start_matches("account.invoice,").parse().unwrap();
     assert_eq!(origins[0]["origin_invoices"], json!([original_id]), "the credit note names the invoice it reverses");
 }
 

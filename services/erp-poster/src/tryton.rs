@@ -360,6 +360,21 @@ impl InvoiceRecord {
 const INVOICE_FIELDS: [&str; 8] =
     ["id", "number", "state", "total_amount", "amount_to_pay", "reference", "lines", "create_date"];
 
+/// Decimals of a unit price in Tryton (`account.invoice.line.unit_price`).
+const PRICE_DIGITS: u32 = 4;
+
+/// A line's quantity, unit price and text as Tryton can hold them: a unit price with more than
+/// four decimals would be refused, so such a line is one unit at its amount, its own quantity
+/// and price kept in the text.
+fn tryton_price(line: &ErpPostingLine) -> (Decimal, Decimal, String) {
+    let price = line.unit_price.value().normalize();
+    if price.scale() <= PRICE_DIGITS {
+        return (line.quantity.value(), price, line.description.clone());
+    }
+    let description = format!("{} ({} × {})", line.description, line.quantity.value().normalize(), price);
+    (Decimal::ONE, line.amount.value().normalize(), description)
+}
+
 /// The Tryton adapter.
 #[derive(Debug)]
 pub struct TrytonAdapter {
@@ -490,17 +505,17 @@ impl TrytonAdapter {
             // Tryton answers a dotted field under the key of its first part plus a dot.
             None => row["account_category."]["account_revenue"].clone(),
         };
-        let quantity = line.quantity.value();
+        let (quantity, unit_price, description) = tryton_price(line);
         let quantity = if negate { -quantity } else { quantity };
         let mut values = json!({
             "type": "line",
             "product": product,
             "unit": row["default_uom"],
             "account": account,
-            "description": line.description,
+            "description": description,
             // Tryton's quantity is a float field.
             "quantity": quantity.to_string().parse::<f64>().unwrap_or_default(),
-            "unit_price": decimal(line.unit_price.value()),
+            "unit_price": decimal(unit_price),
         });
         if let Some(origin) = origin {
             values["origin"] = json!(format!("account.invoice.line,{origin}"));
@@ -508,22 +523,48 @@ impl TrytonAdapter {
         Ok(values)
     }
 
+    /// Reconciles a credit note with the invoice it reverses in full, so that both are settled
+    /// (Tryton leaves them both posted, each with its amount to pay, otherwise). Best effort:
+    /// the credit note stands either way, and a failure is logged for finance to reconcile.
+    async fn reconcile(&self, invoice: &InvoiceRecord, credit_note: &InvoiceRecord) {
+        let outcome = async {
+            let rows = self.client.read("account.invoice", &[invoice.id, credit_note.id], &["lines_to_pay"]).await?;
+            let lines: Vec<i64> = rows
+                .iter()
+                .flat_map(|r| r["lines_to_pay"].as_array().cloned().unwrap_or_default())
+                .filter_map(|v| v.as_i64())
+                .collect();
+            let extra = json!({"active_model": "account.move.line", "active_id": lines.first(), "active_ids": lines});
+            let create = "wizard.account.move.reconcile_lines.create";
+            let session = self.client.call_with(create, Vec::new(), Some(&extra)).await?;
+            let session = session.get(0).cloned().unwrap_or(Value::Null);
+            let execute = "wizard.account.move.reconcile_lines.execute";
+            let answer =
+                self.client.call_with(execute, vec![session.clone(), json!({}), json!("start")], Some(&extra)).await;
+            let delete = "wizard.account.move.reconcile_lines.delete";
+            let _ = self.client.call_with(delete, vec![session], Some(&extra)).await;
+            answer
+        }
+        .await;
+        if let Err(error) = outcome {
+            tracing::warn!(invoice = invoice.id, credit_note = credit_note.id, %error, "reconciling a credit note failed");
+        }
+    }
+
     /// Creates and posts the invoice or credit note of `posting`.
     async fn create_invoice(&self, posting: &ErpPosting) -> Result<ErpDocument, AdapterError> {
         let credit = posting.document_type == ErpDocumentType::CreditNote;
-        let origins = match (&posting.original_document_ref, credit) {
-            (Some(original), true) => {
-                let original = self.find_invoice(original).await?.ok_or_else(|| {
-                    rejected(
-                        "unknown_original",
-                        format!("the invoice {original} this credit note reverses is not in Tryton"),
-                    )
-                })?;
-                original.lines
-            }
+        let original = match (&posting.original_document_ref, credit) {
+            (Some(original), true) => Some(self.find_invoice(original).await?.ok_or_else(|| {
+                rejected(
+                    "unknown_original",
+                    format!("the invoice {original} this credit note reverses is not in Tryton"),
+                )
+            })?),
             (None, true) => return Err(rejected("validation", "a credit note without original_document_ref".into())),
-            _ => Vec::new(),
+            _ => None,
         };
+        let origins = original.as_ref().map(|o| o.lines.clone()).unwrap_or_default();
         let party = self.id_of("party.party", "code", &posting.erp_party_ref, "unknown_party", false).await?;
         let currency = self.id_of("currency.currency", "code", &posting.currency, "unknown_currency", true).await?;
         let journal = self.id_of("account.journal", "type", "revenue", "setup", true).await?;
@@ -573,7 +614,15 @@ impl TrytonAdapter {
             .and_then(Value::as_i64)
             .ok_or_else(|| AdapterError::Unexpected(format!("create answered {created}")))?;
         self.client.call("account.invoice.post", vec![json!([id])]).await?;
-        Ok(self.read_invoice(id).await?.document())
+        let posted = self.read_invoice(id).await?;
+        if let Some(original) = &original
+            && original.state == "posted"
+            && original.amount_to_pay + posted.amount_to_pay == Decimal::ZERO
+        {
+            self.reconcile(original, &posted).await;
+            return Ok(self.read_invoice(id).await?.document());
+        }
+        Ok(posted.document())
     }
 
     /// Records the PAYMENT of `posting` against its invoice with the pay wizard.
@@ -602,7 +651,8 @@ impl TrytonAdapter {
             .ok_or_else(|| AdapterError::Unexpected(format!("pay wizard create answered {session}")))?;
         let paid_on = DateTime::<Utc>::from_timestamp_millis(payment.paid_at).unwrap_or_default().date_naive();
         let start = json!({
-            "amount": decimal(payment.amount.value()),
+            // Move lines hold the currency's digits: the amount as written, trailing zeros off.
+            "amount": decimal(payment.amount.value().normalize()),
             "currency": currency,
             "payment_method": method,
             "date": date(paid_on),
