@@ -2,6 +2,7 @@
 
 mod billing_router;
 mod contracts;
+mod erp_poster;
 mod kafka_transactions;
 mod runtime;
 mod schema_registry;

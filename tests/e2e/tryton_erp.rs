@@ -92,6 +92,7 @@ async fn invoice_lines(adapter: &TrytonAdapter, id: &str) -> Vec<(f64, Decimal, 
 
 #[tokio::test]
 async fn an_invoice_is_created_posted_with_its_lines_and_a_second_create_is_refused_by_tryton() {
+    let _tryton = tributary_tests::tryton_shared().await;
     let adapter = adapter();
     let party = party(&adapter, &unique_name("acct")).await;
     let reference = format!("tributary:charge:{}", unique_name("chg"));
@@ -118,6 +119,7 @@ async fn an_invoice_is_created_posted_with_its_lines_and_a_second_create_is_refu
 
 #[tokio::test]
 async fn a_credit_note_reverses_its_invoice_and_names_it() {
+    let _tryton = tributary_tests::tryton_shared().await;
     let adapter = adapter();
     let party = party(&adapter, &unique_name("acct")).await;
     let original_reference = format!("tributary:invoice:{}", unique_name("in"));
@@ -147,6 +149,7 @@ async fn a_credit_note_reverses_its_invoice_and_names_it() {
 
 #[tokio::test]
 async fn a_payment_settles_its_invoice_once_and_is_found_by_its_reference() {
+    let _tryton = tributary_tests::tryton_shared().await;
     let adapter = adapter();
     let party = party(&adapter, &unique_name("acct")).await;
     let invoice_reference = format!("tributary:invoice:{}", unique_name("in"));
@@ -178,6 +181,7 @@ async fn a_payment_settles_its_invoice_once_and_is_found_by_its_reference() {
 
 #[tokio::test]
 async fn a_document_for_an_unknown_party_or_account_is_rejected_with_the_reason() {
+    let _tryton = tributary_tests::tryton_shared().await;
     let adapter = adapter();
     let unknown =
         invoice_posting("C-nobody-at-all", &format!("tributary:charge:{}", unique_name("chg")), &[("1", "1")]);

@@ -137,6 +137,40 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// Tests that post to Tryton hold this for reading; a test that takes Tryton away holds it
+/// for writing, so that no other test meets the outage it causes.
+static TRYTON: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Shared use of the stack's Tryton (see [`TRYTON`]).
+pub async fn tryton_shared() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    TRYTON.read().await
+}
+
+/// Sole use of the stack's Tryton, for a test that stops it.
+pub async fn tryton_exclusive() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    TRYTON.write().await
+}
+
+/// Stops one component of the local stack (`kafka`, `registry`, `tryton`).
+pub async fn stop_component(component: &str) {
+    let status = tokio::process::Command::new(workspace_file("deploy/local/down.sh"))
+        .arg(component)
+        .status()
+        .await
+        .expect("run deploy/local/down.sh");
+    assert!(status.success(), "stopping {component} failed");
+}
+
+/// Starts again whatever part of the local stack is not running, and waits until healthy.
+pub async fn start_stack() {
+    let status = tokio::process::Command::new(workspace_file("deploy/local/up.sh"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .expect("run deploy/local/up.sh");
+    assert!(status.success(), "starting the stack failed");
+}
+
 /// The path of `relative` in the workspace (configuration files the tests share with the demo).
 pub fn workspace_file(relative: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root").join(relative)
