@@ -37,7 +37,7 @@ ROOT = HERE.parents[1]
 # The oldest Kubernetes minor we support, and the newest the schemas know.
 KUBERNETES_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 # Secrets the operator creates (README.md); the manifests only refer to them.
-EXTERNAL_SECRETS = {"tributary-kafka-credentials", "usage-ingest-api-keys"}
+EXTERNAL_SECRETS = {"tributary-kafka-credentials", "usage-ingest-api-keys", "erp-poster-tryton"}
 CONNECTION = "tributary-connection"
 
 
