@@ -61,3 +61,4 @@ bench: ## Benchmarks (codec, then the runtime and the services against the local
 	$(WITH_STACK) cargo bench -p tributary-tests --bench runtime
 	$(WITH_STACK) cargo bench -p tributary-tests --bench usage_ingest
 	$(WITH_STACK) cargo bench -p tributary-tests --bench billing_router
+	$(WITH_STACK) cargo bench -p tributary-tests --bench erp_poster

@@ -344,7 +344,8 @@ impl<P: Processor> Engine<P> {
                         let at = Location::new(logical, record.partition, record.offset);
                         let key = record.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned());
                         let meta = RecordMeta { location: at, key, headers };
-                        attempt_record(&*processor, &codec, &declared, state, &record, meta, now, attempt).await
+                        let scope = Scope { processor: &*processor, codec: &codec, declared: &declared, now, attempt };
+                        attempt_record(scope, state, &record, meta).await
                     };
                     Attempted { result, elapsed: started.elapsed() }
                 }
@@ -355,7 +356,8 @@ impl<P: Processor> Engine<P> {
                 let timer = timer.clone();
                 let span = tracing::info_span!("timer", timer = %timer.key, partition = timer.partition);
                 async move {
-                    let result = attempt_timer(&*processor, &codec, &declared, state, &timer, now, attempt).await;
+                    let scope = Scope { processor: &*processor, codec: &codec, declared: &declared, now, attempt };
+                    let result = attempt_timer(scope, state, &timer).await;
                     Attempted { result, elapsed: started.elapsed() }
                 }
                 .instrument(span)
@@ -521,16 +523,22 @@ fn record_span(record: &Record, logical: &str, header_map: &BTreeMap<String, Str
     span
 }
 
+/// What every attempt runs with.
+struct Scope<'a, P> {
+    processor: &'a P,
+    codec: &'a Codec,
+    declared: &'a HashSet<&'static str>,
+    now: DateTime<Utc>,
+    attempt: Attempt,
+}
+
 async fn attempt_record<P: Processor>(
-    processor: &P,
-    codec: &Codec,
-    declared: &HashSet<&'static str>,
+    scope: Scope<'_, P>,
     state: Arc<PartitionState>,
     record: &Record,
     meta: RecordMeta,
-    now: DateTime<Utc>,
-    attempt: Attempt,
 ) -> Result<Success, Failure> {
+    let Scope { processor, codec, declared, now, attempt } = scope;
     let Some(payload) = &record.payload else {
         return Err(Failure::at("decode")(ProcessError::permanent("tombstone", "a null value on an event topic")));
     };
@@ -579,14 +587,11 @@ async fn attempt_record<P: Processor>(
 }
 
 async fn attempt_timer<P: Processor>(
-    processor: &P,
-    codec: &Codec,
-    declared: &HashSet<&'static str>,
+    scope: Scope<'_, P>,
     state: Arc<PartitionState>,
     timer: &Timer,
-    now: DateTime<Utc>,
-    attempt: Attempt,
 ) -> Result<Success, Failure> {
+    let Scope { processor, codec, declared, now, attempt } = scope;
     let mut staged = Staged::new(state);
     let mut context = Context::new(now, timer.partition, None, &mut staged, attempt);
     let outcome = processor.on_timer(&mut context, timer).await;
