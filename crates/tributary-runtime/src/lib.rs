@@ -15,10 +15,12 @@
 //! - [`state`]: keyed, versioned state per partition with changelog-backed layers and a
 //!   due-time index of timers.
 //! - [`testing`]: the processor test driver: no broker, the same semantics as the loop.
-//! - [`dlq`]: dead-letter headers, listing and replay; [`retry`]: backoff with jitter.
+//! - [`dlq`]: dead-letter headers, listing and replay; [`retry`]: backoff with jitter;
+//!   [`circuit`]: a circuit breaker on the runtime's clock, for a downstream system.
 //! - [`table`]: refdata topics held whole in memory by every instance (global tables).
 //! - [`kafka`]: librdkafka client configuration, broker checks, topic creation.
 
+pub mod circuit;
 pub mod clock;
 pub mod config;
 pub mod dlq;

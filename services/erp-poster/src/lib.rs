@@ -6,20 +6,19 @@
 //! - [`adapter`]: the ERP as three operations, and what NetSuite, SAP or Dynamics adapters
 //!   would implement;
 //! - [`tryton`]: the first adapter, Tryton over JSON-RPC;
-//! - [`circuit`]: the circuit breaker; [`maintenance`]: the maintenance windows;
+//! - [`maintenance`]: the maintenance windows (the circuit breaker is the runtime's);
 //! - [`settings`]: the `[erp_poster]` configuration section.
 
 pub mod adapter;
-pub mod circuit;
 pub mod maintenance;
 pub mod processor;
 pub mod settings;
 pub mod tryton;
 
 use tokio_util::sync::CancellationToken;
+use tributary_runtime::circuit::Circuit;
 use tributary_runtime::{BuildContext, Service, ServiceConfig, StreamRuntime, registry_codec, stream_settings};
 
-use crate::circuit::Circuit;
 use crate::processor::{PosterMetrics, PosterProcessor};
 pub use crate::settings::Settings;
 use crate::tryton::TrytonAdapter;
@@ -64,7 +63,7 @@ impl Service for App {
         // longest call.
         let probe_timeout = settings.tryton.rpc_timeout * 2;
         let circuit =
-            Circuit::new(settings.failures_to_open, settings.open_for, probe_timeout, context.metrics.clone());
+            Circuit::new("erp", settings.failures_to_open, settings.open_for, probe_timeout, context.metrics.clone());
         let metrics = register_metrics(context);
         let processor =
             PosterProcessor::new(adapter, &settings, circuit, metrics).map_err(|e| anyhow::anyhow!(e.join("; ")))?;

@@ -33,7 +33,7 @@ use tributary_contracts::types::{Envelope, ErpPosting, ErpPostingResult, Posting
 use tributary_runtime::{Context, Output, ProcessError};
 
 use crate::adapter::{AdapterError, ErpAdapter, ErpDocument};
-use crate::circuit::Circuit;
+use tributary_runtime::circuit::Circuit;
 use crate::maintenance::Windows;
 use crate::settings::Settings;
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use erp_poster::adapter::{AdapterError, ErpAdapter, ErpDocument};
-use erp_poster::circuit::Circuit;
+use tributary_runtime::circuit::Circuit;
 use erp_poster::processor::{PosterMetrics, PosterProcessor};
 use erp_poster::settings::Settings;
 use prometheus_client::registry::Registry;
@@ -162,7 +162,7 @@ impl World {
         let erp = FakeErp::default();
         let mut registry = Registry::default();
         let metrics = ServiceMetrics::register(&mut registry, "erp-poster");
-        let circuit = Circuit::new(settings.failures_to_open, settings.open_for, Duration::from_secs(60), metrics);
+        let circuit = Circuit::new("erp", settings.failures_to_open, settings.open_for, Duration::from_secs(60), metrics);
         let processor = PosterProcessor::new(erp.clone(), &settings, circuit, PosterMetrics::default()).unwrap();
         let driver = DriverBuilder::new().service("erp-poster").start_at(start).build(processor);
         Self { erp, driver, registry }

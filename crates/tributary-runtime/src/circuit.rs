@@ -1,7 +1,7 @@
-//! The circuit breaker in front of the ERP.
+//! A circuit breaker in front of a downstream system (the ERP, a webhook endpoint).
 //!
 //! Closed: calls flow; `failures_to_open` transient failures in a row open it. Open: no call is
-//! made for `open_for`; the postings that meet it pause their partition until then (the stream
+//! made for `open_for`; the records that meet it pause their partition until then (the stream
 //! runtime's pause: nothing is dead-lettered, nothing spins). Then half-open: one call is let
 //! through as a probe; its success closes the circuit, its failure opens it again.
 //!
@@ -29,9 +29,6 @@ fn after(now: Instant, wait: Duration) -> Instant {
 use tributary_telemetry::ServiceMetrics;
 use tributary_telemetry::metrics::CircuitState;
 
-/// The circuit's name in metrics.
-pub const CIRCUIT: &str = "erp";
-
 #[derive(Debug, Clone, Copy)]
 enum State {
     Closed { failures: u32 },
@@ -42,6 +39,8 @@ enum State {
 /// A circuit breaker.
 #[derive(Debug)]
 pub struct Circuit {
+    /// Its name in metrics and logs (`downstream` label of `tributary_circuit_state`).
+    name: String,
     failures_to_open: u32,
     open_for: Duration,
     /// A probe that has not answered after this long (its attempt was dropped) lets another go.
@@ -51,10 +50,18 @@ pub struct Circuit {
 }
 
 impl Circuit {
-    /// A closed circuit.
-    pub fn new(failures_to_open: u32, open_for: Duration, probe_timeout: Duration, metrics: ServiceMetrics) -> Self {
-        metrics.set_circuit(CIRCUIT, CircuitState::Closed);
+    /// A closed circuit named `name` (a bounded name from configuration, e.g. `erp`).
+    pub fn new(
+        name: impl Into<String>,
+        failures_to_open: u32,
+        open_for: Duration,
+        probe_timeout: Duration,
+        metrics: ServiceMetrics,
+    ) -> Self {
+        let name = name.into();
+        metrics.set_circuit(&name, CircuitState::Closed);
         Self {
+            name,
             failures_to_open: failures_to_open.max(1),
             open_for,
             probe_timeout,
@@ -69,7 +76,7 @@ impl Circuit {
 
     fn publish(&self, state: State) {
         self.metrics.set_circuit(
-            CIRCUIT,
+            &self.name,
             match state {
                 State::Closed { .. } => CircuitState::Closed,
                 State::Open { .. } => CircuitState::Open,
@@ -87,7 +94,7 @@ impl Circuit {
             State::Open { .. } => {
                 *state = State::HalfOpen { probe_since: Some(now) };
                 self.publish(*state);
-                tracing::info!(circuit = CIRCUIT, "circuit half-open: one probe call");
+                tracing::info!(circuit = self.name, "circuit half-open: one probe call");
                 Ok(())
             }
             State::HalfOpen { probe_since: Some(since) } if now < after(since, self.probe_timeout) => {
@@ -100,12 +107,12 @@ impl Circuit {
         }
     }
 
-    /// The ERP answered (whatever it said).
+    /// The downstream answered (whatever it said).
     pub fn success(&self) {
         let mut state = self.state();
         if !matches!(*state, State::Closed { failures: 0 }) {
             if !matches!(*state, State::Closed { .. }) {
-                tracing::info!(circuit = CIRCUIT, "circuit closed");
+                tracing::info!(circuit = self.name, "circuit closed");
             }
             *state = State::Closed { failures: 0 };
             self.publish(*state);
@@ -128,7 +135,7 @@ impl Circuit {
         }
         *state = State::Open { until: after(now, self.open_for) };
         self.publish(*state);
-        tracing::warn!(circuit = CIRCUIT, open_for = ?self.open_for, "circuit open: postings pause");
+        tracing::warn!(circuit = self.name, open_for = ?self.open_for, "circuit open: its records pause");
         Some(self.open_for)
     }
 }
@@ -140,7 +147,7 @@ mod tests {
     fn circuit(open_for: Duration) -> (Circuit, prometheus_client::registry::Registry) {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = ServiceMetrics::register(&mut registry, "erp-poster");
-        (Circuit::new(3, open_for, Duration::from_secs(60), metrics), registry)
+        (Circuit::new("erp", 3, open_for, Duration::from_secs(60), metrics), registry)
     }
 
     fn gauge(registry: &prometheus_client::registry::Registry) -> String {
