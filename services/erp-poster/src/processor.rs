@@ -33,9 +33,9 @@ use tributary_contracts::types::{Envelope, ErpPosting, ErpPostingResult, Posting
 use tributary_runtime::{Context, Output, ProcessError};
 
 use crate::adapter::{AdapterError, ErpAdapter, ErpDocument};
-use tributary_runtime::circuit::Circuit;
 use crate::maintenance::Windows;
 use crate::settings::Settings;
+use tributary_runtime::circuit::Circuit;
 
 /// The `source` of every record erp-poster writes.
 pub const SOURCE: &str = "tributary.erp-poster";

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use erp_poster::adapter::{AdapterError, ErpAdapter, ErpDocument};
-use tributary_runtime::circuit::Circuit;
 use erp_poster::processor::{PosterMetrics, PosterProcessor};
 use erp_poster::settings::Settings;
 use prometheus_client::registry::Registry;
@@ -21,6 +20,7 @@ use tributary_contracts::fixtures::dec;
 use tributary_contracts::types::{
     Envelope, ErpDocumentType, ErpPosting, ErpPostingLine, ErpPostingResult, PostingStatus,
 };
+use tributary_runtime::circuit::Circuit;
 use tributary_runtime::testing::{DriverBuilder, Outcome, TestDriver};
 use tributary_telemetry::ServiceMetrics;
 
@@ -162,7 +162,8 @@ impl World {
         let erp = FakeErp::default();
         let mut registry = Registry::default();
         let metrics = ServiceMetrics::register(&mut registry, "erp-poster");
-        let circuit = Circuit::new("erp", settings.failures_to_open, settings.open_for, Duration::from_secs(60), metrics);
+        let circuit =
+            Circuit::new("erp", settings.failures_to_open, settings.open_for, Duration::from_secs(60), metrics);
         let processor = PosterProcessor::new(erp.clone(), &settings, circuit, PosterMetrics::default()).unwrap();
         let driver = DriverBuilder::new().service("erp-poster").start_at(start).build(processor);
         Self { erp, driver, registry }
