@@ -39,6 +39,7 @@ TOPICS = [
     "support.cases", "support.account-flags",
     "crm.account-updates",
     "renewal.notifications",
+    "webhook.deliveries",
 ]
 
 ENVELOPE_FIELDS = [

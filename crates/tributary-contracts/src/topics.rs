@@ -36,6 +36,8 @@ pub const SUPPORT_ACCOUNT_FLAGS: &str = "support.account-flags";
 pub const CRM_ACCOUNT_UPDATES: &str = "crm.account-updates";
 /// `renewal.notifications`: renewal milestones with their risk signals.
 pub const RENEWAL_NOTIFICATIONS: &str = "renewal.notifications";
+/// `webhook.deliveries`: every attempt of the outbound relays to deliver a record to a webhook.
+pub const WEBHOOK_DELIVERIES: &str = "webhook.deliveries";
 
 /// Suffix of a service's dead-letter topic: `<service>.dlq`.
 pub const DLQ_SUFFIX: &str = ".dlq";
@@ -107,6 +109,7 @@ pub const ALL: &[TopicSpec] = &[
     topic!(SUPPORT_ACCOUNT_FLAGS, "support.account-flags", KeyKind::AccountId),
     topic!(CRM_ACCOUNT_UPDATES, "crm.account-updates", KeyKind::AccountId),
     topic!(RENEWAL_NOTIFICATIONS, "renewal.notifications", KeyKind::AccountId),
+    topic!(WEBHOOK_DELIVERIES, "webhook.deliveries", KeyKind::AccountId),
 ];
 
 /// The spec of `topic`, if it is one of the contracts.
@@ -149,6 +152,7 @@ macro_rules! for_each_contract {
             SupportAccountFlag => SUPPORT_ACCOUNT_FLAGS,
             CrmAccountUpdate => CRM_ACCOUNT_UPDATES,
             RenewalNotification => RENEWAL_NOTIFICATIONS,
+            WebhookDeliveryAttempt => WEBHOOK_DELIVERIES,
         }
     };
 }

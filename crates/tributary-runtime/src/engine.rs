@@ -28,7 +28,7 @@ use tributary_telemetry::metrics::{DlqLabels, StageLabels, TopicLabels};
 use crate::clock::Clock;
 use crate::config::RetryConfig;
 use crate::dlq::DeadLetter;
-use crate::processor::{Attempt, Context, Input, Output, ProcessError, Processor, RecordMeta, Timer};
+use crate::processor::{Attempt, Context, GivenUp, Input, Output, ProcessError, Processor, RecordMeta, Timer};
 use crate::retry;
 use crate::state::{
     Changes, IDEMPOTENCY_STORE, PartitionState, Staged, StateError, StoredTimer, TIMER_STORE, decode_value,
@@ -148,6 +148,7 @@ enum Success {
     Processed {
         staged: HashMap<&'static str, Changes>,
         outputs: Vec<EncodedOutput>,
+        given_up: Vec<GivenUp>,
         idempotency_key: Option<String>,
         occurred_at: Option<i64>,
     },
@@ -174,6 +175,8 @@ pub(crate) enum Completion {
     Done {
         /// The outputs, in order.
         outputs: Vec<EncodedOutput>,
+        /// Dead letters of work the processor gave up on while the attempt succeeded.
+        dead_letters: Vec<DeadLetterRecord>,
         /// The input's `occurred_at` (records only), for the end-to-end latency.
         occurred_at: Option<i64>,
     },
@@ -383,15 +386,16 @@ impl<P: Processor> Engine<P> {
                 }
                 return Completion::Duplicate;
             }
-            Ok(Success::Processed { staged, outputs, idempotency_key, occurred_at }) => {
+            Ok(Success::Processed { staged, outputs, given_up, idempotency_key, occurred_at }) => {
                 partition.accept(staged);
+                let dead_letters = given_up.into_iter().map(|work| self.given_up_letter(partition, work)).collect();
                 if let Some(key) = idempotency_key {
                     match encode_value(IDEMPOTENCY_STORE, &key, &self.clock.now_ms()) {
                         Ok(seen) => partition.write(IDEMPOTENCY_STORE, key, Some(seen)),
                         Err(error) => return Completion::Stop { class: "state", reason: error.to_string() },
                     }
                 }
-                return Completion::Done { outputs, occurred_at };
+                return Completion::Done { outputs, dead_letters, occurred_at };
             }
             Err(failure) => failure,
         };
@@ -479,7 +483,7 @@ impl<P: Processor> Engine<P> {
         first_failure_at: DateTime<Utc>,
         outputs: Vec<EncodedOutput>,
     ) -> Completion {
-        let (source, key, payload, mut record_headers) = match work {
+        let (source, key, payload, record_headers) = match work {
             Work::Record(record) => {
                 (record.location(), record.key.clone(), record.payload.clone(), record.headers.clone())
             }
@@ -491,14 +495,46 @@ impl<P: Processor> Engine<P> {
                     partition: timer.partition,
                     payload: timer.payload.clone(),
                 };
-                let value = serde_json::to_vec(&letter).unwrap_or_default();
-                let source = Location::new(self.physical(&self.replay_topic), timer.partition, -1);
-                let timer_header = (headers::DLQ_TIMER_KEY.to_owned(), Some(timer.key.clone().into_bytes()));
-                (source, Some(timer.key.clone().into_bytes()), Some(value), vec![timer_header])
+                self.timer_letter_parts(letter)
             }
         };
         let letter =
             DeadLetter { service: self.service.to_owned(), class, message, source, attempts, first_failure_at };
+        Completion::DeadLetter(Box::new(self.letter_record(letter, key, payload, record_headers)), outputs)
+    }
+
+    /// The dead letter of work a processor gave up on (as a timer of `partition`, due at once
+    /// when replayed).
+    fn given_up_letter(&self, partition: &PartitionState, work: GivenUp) -> DeadLetterRecord {
+        let GivenUp { timer, payload, class, message, attempts, first_failure_at } = work;
+        let letter = TimerLetter { timer, due_at: first_failure_at, partition: partition.partition(), payload };
+        let (source, key, payload, record_headers) = self.timer_letter_parts(letter);
+        let letter =
+            DeadLetter { service: self.service.to_owned(), class, message, source, attempts, first_failure_at };
+        self.letter_record(letter, key, payload, record_headers)
+    }
+
+    /// Source, key, value and headers of the dead letter of a timer.
+    #[allow(clippy::type_complexity)]
+    fn timer_letter_parts(
+        &self,
+        letter: TimerLetter,
+    ) -> (Location, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Option<Vec<u8>>)>) {
+        let value = serde_json::to_vec(&letter).unwrap_or_default();
+        let source = Location::new(self.physical(&self.replay_topic), letter.partition, -1);
+        let timer_header = (headers::DLQ_TIMER_KEY.to_owned(), Some(letter.timer.clone().into_bytes()));
+        (source, Some(letter.timer.into_bytes()), Some(value), vec![timer_header])
+    }
+
+    /// The dead letter record: the original key, value and headers plus the `dlq_*` headers;
+    /// counted and logged.
+    fn letter_record(
+        &self,
+        letter: DeadLetter,
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+        mut record_headers: Vec<(String, Option<Vec<u8>>)>,
+    ) -> DeadLetterRecord {
         record_headers
             .extend(letter.headers().into_iter().map(|(name, value)| (name.to_owned(), Some(value.into_bytes()))));
         self.metrics
@@ -506,7 +542,7 @@ impl<P: Processor> Engine<P> {
             .get_or_create(&DlqLabels { source_topic: letter.source.topic.clone(), class: letter.class.clone() })
             .inc();
         tracing::warn!(class = letter.class, error = letter.message, source = %letter.source, "dead-lettered");
-        Completion::DeadLetter(Box::new(DeadLetterRecord { letter, key, payload, headers: record_headers }), outputs)
+        DeadLetterRecord { letter, key, payload, headers: record_headers }
     }
 }
 
@@ -574,6 +610,7 @@ async fn attempt_record<P: Processor>(
     let outcome = processor.process(&mut context, &input).await;
     let outputs = std::mem::take(&mut context.outputs);
     let if_dead_lettered = std::mem::take(&mut context.dead_letter_outputs);
+    let given_up = std::mem::take(&mut context.given_up);
     if let Err(error) = outcome {
         return Err(failed("process", error, codec, declared, if_dead_lettered).await);
     }
@@ -581,6 +618,7 @@ async fn attempt_record<P: Processor>(
     Ok(Success::Processed {
         staged: staged.into_changes(),
         outputs,
+        given_up,
         idempotency_key,
         occurred_at: Some(input.envelope().occurred_at),
     })
@@ -597,6 +635,7 @@ async fn attempt_timer<P: Processor>(
     let outcome = processor.on_timer(&mut context, timer).await;
     let outputs = std::mem::take(&mut context.outputs);
     let if_dead_lettered = std::mem::take(&mut context.dead_letter_outputs);
+    let given_up = std::mem::take(&mut context.given_up);
     if let Err(error) = outcome {
         return Err(failed("timer", error, codec, declared, if_dead_lettered).await);
     }
@@ -610,7 +649,13 @@ async fn attempt_timer<P: Processor>(
         staged.cancel(&timer.key);
     }
     let outputs = encode_outputs(codec, declared, outputs).await?;
-    Ok(Success::Processed { staged: staged.into_changes(), outputs, idempotency_key: None, occurred_at: None })
+    Ok(Success::Processed {
+        staged: staged.into_changes(),
+        outputs,
+        given_up,
+        idempotency_key: None,
+        occurred_at: None,
+    })
 }
 
 /// A timer an operator replayed from the DLQ: scheduled again at its own due time (so it fires
@@ -640,6 +685,7 @@ async fn attempt_timer_replay(
     Ok(Success::Processed {
         staged: staged.into_changes(),
         outputs: Vec::new(),
+        given_up: Vec::new(),
         idempotency_key: Some(idempotency_key),
         occurred_at: None,
     })

@@ -278,7 +278,19 @@ pub struct Context<'a> {
     pub(crate) state: &'a mut Staged,
     pub(crate) outputs: Vec<Output>,
     pub(crate) dead_letter_outputs: Vec<Output>,
+    pub(crate) given_up: Vec<GivenUp>,
     pub(crate) attempt: Attempt,
+}
+
+/// Work the processor held in its own state and gave up on (see [`Context::give_up`]).
+#[derive(Debug, Clone)]
+pub(crate) struct GivenUp {
+    pub(crate) timer: String,
+    pub(crate) payload: serde_json::Value,
+    pub(crate) class: String,
+    pub(crate) message: String,
+    pub(crate) attempts: u32,
+    pub(crate) first_failure_at: DateTime<Utc>,
 }
 
 /// Which attempt at a record or timer this is.
@@ -299,7 +311,16 @@ impl<'a> Context<'a> {
         state: &'a mut Staged,
         attempt: Attempt,
     ) -> Self {
-        Self { now, partition, record, state, outputs: Vec::new(), dead_letter_outputs: Vec::new(), attempt }
+        Self {
+            now,
+            partition,
+            record,
+            state,
+            outputs: Vec::new(),
+            dead_letter_outputs: Vec::new(),
+            given_up: Vec::new(),
+            attempt,
+        }
     }
 
     /// Now, on the runtime's clock (the system clock in production, the controlled clock in
@@ -330,6 +351,32 @@ impl<'a> Context<'a> {
     /// when the attempt succeeds, or fails and will be retried.
     pub fn emit_if_dead_lettered(&mut self, output: Output) {
         self.dead_letter_outputs.push(output);
+    }
+
+    /// Gives up on a piece of work that the processor holds in its own state rather than in
+    /// its input (a webhook delivery in a retry queue, say), while the current attempt
+    /// succeeds: the work goes to the service's DLQ as the dead-lettered timer `timer` with
+    /// `payload`, in this attempt's transaction, with `class`, `message`, `attempts` and
+    /// `first_failure_at` in its headers. An operator's replay (`tributary dlq replay`)
+    /// schedules timer `timer` with `payload` again on this partition, due at once, so that
+    /// [`Processor::on_timer`] takes the work up again.
+    pub fn give_up(
+        &mut self,
+        timer: &str,
+        payload: serde_json::Value,
+        class: &str,
+        message: impl Into<String>,
+        attempts: u32,
+        first_failure_at: DateTime<Utc>,
+    ) {
+        self.given_up.push(GivenUp {
+            timer: timer.to_owned(),
+            payload,
+            class: class.to_owned(),
+            message: message.into(),
+            attempts,
+            first_failure_at,
+        });
     }
 
     /// Which attempt this is.

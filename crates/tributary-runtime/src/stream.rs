@@ -403,7 +403,10 @@ impl<P: Processor> StreamRuntime<P> {
         let state = self.engine.partition(partition);
         let first_at = first_at.unwrap_or_else(|| self.engine.clock.now());
         match self.engine.finish(&state, &work, attempted, attempt, first_at) {
-            Completion::Done { outputs, occurred_at } => {
+            Completion::Done { outputs, dead_letters, occurred_at } => {
+                for letter in &dead_letters {
+                    self.transactions.write_dead_letter(letter)?;
+                }
                 self.transactions.write_outputs(outputs)?;
                 let end_to_end = end_to_end.zip(occurred_at);
                 self.done(partition, &work, end_to_end)

@@ -520,7 +520,8 @@ impl<P: Processor> TestDriver<P> {
         let now = self.engine.clock.now();
         let to_duration = |after: Duration| chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
         match completion {
-            Completion::Done { outputs, .. } => {
+            Completion::Done { outputs, dead_letters, .. } => {
+                self.dead_letters.extend(dead_letters);
                 self.outputs.extend(outputs);
                 Outcome::Processed
             }

@@ -45,7 +45,8 @@ tributary_runtime::input_enum! {
 /// - `flaky`: fails transiently `flaky_failures` times first;
 /// - `poison`: fails permanently; `bug`: an internal error; `down`: its downstream is away
 ///   `down_for` attempts; `undeclared`: emits to a topic it did not declare;
-/// - `schedule`: schedules timer `t/<id>` at now + `quantity` hours (payload: the `data`).
+/// - `schedule`: schedules timer `t/<id>` at now + `quantity` hours (payload: the `data`);
+/// - `give_up`: succeeds, and gives up on work `g/<id>` it holds (payload `"held"`).
 ///
 /// Timers emit a record at their due time; a payload `"poison"` fails permanently, `"flaky"`
 /// transiently `flaky_failures` times.
@@ -131,6 +132,10 @@ impl Processor for Scripted {
             }
             "undeclared" => {
                 context.emit(Output::new(account.clone(), event.clone()));
+            }
+            "give_up" => {
+                let first = context.now() - chrono::Duration::hours(24);
+                context.give_up(&format!("g/{}", event.id), serde_json::json!("held"), "gone", "410 Gone", 7, first);
             }
             "schedule" => {
                 let hours = event.quantity.map_or(1, |q| q.value().try_into().unwrap_or(1));
@@ -377,6 +382,37 @@ async fn a_timer_that_fails_permanently_is_dead_lettered_with_its_key_and_payloa
     assert_eq!(again[0].letter.class, "expired");
     assert_eq!(driver.pipe_record(replay()).await, Outcome::Duplicate, "the same replay twice schedules it once");
     assert!(driver.dead_letters().is_empty() && driver.timers().is_empty());
+}
+
+#[tokio::test]
+async fn work_given_up_while_the_attempt_succeeds_is_dead_lettered_as_a_timer_and_a_replay_takes_it_up() {
+    let mut driver = driver(Scripted::default());
+    let input = event("acct-a", "give_up");
+    assert_eq!(driver.pipe(input.clone()).await, Outcome::Processed, "the attempt itself succeeds");
+    assert_eq!(meters_of(&mut driver).await, vec![input.id.clone()], "with its outputs");
+    assert_eq!(driver.get(TALLIES, "acct-a").map(|t| t.seen), Some(1), "and its state");
+    let letters = driver.dead_letters();
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(
+        (letter.letter.class.as_str(), letter.letter.message.as_str(), letter.letter.attempts),
+        ("gone", "410 Gone", 7)
+    );
+    assert_eq!(letter.letter.source.topic, "driver-test.timer-replays");
+    assert_eq!(letter.letter.first_failure_at, driver.now() - chrono::Duration::hours(24));
+    let timer: TimerLetter = serde_json::from_slice(letter.payload.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        (timer.timer.as_str(), &timer.payload),
+        (format!("g/{}", input.id).as_str(), &serde_json::json!("held"))
+    );
+    assert!(driver.timers().is_empty(), "nothing is scheduled until an operator replays it");
+
+    let replay = TestRecord::bytes("driver-test.timer-replays", Some(&timer.timer), letter.payload.clone())
+        .header(headers::REPLAYED_FROM, "driver-test.dlq[0]@0")
+        .partition(timer.partition);
+    assert_eq!(driver.pipe_record(replay).await, Outcome::Processed);
+    assert_eq!(meters_of(&mut driver).await, vec![timer.timer.clone()], "the timer fired with the held work");
+    assert!(driver.dead_letters().is_empty());
 }
 
 #[tokio::test]
