@@ -359,6 +359,17 @@ impl Codec {
     }
 }
 
+/// A contract value as JSON, in the shape `tributary tap` prints its values (decimals as exact
+/// strings, times in RFC 3339), through its topic's own schema; for bodies sent outside Kafka
+/// (webhooks).
+pub fn contract_to_json<T: Contract>(value: &T) -> Result<serde_json::Value, EncodeError> {
+    let invalid = |reason: String| EncodeError::Invalid { topic: T::TOPIC.to_owned(), reason };
+    let body = cached_writer(T::TOPIC).write_ser_to_vec(value).map_err(|e| invalid(e.to_string()))?;
+    let value = cached_reader(T::TOPIC).read_value(&mut Cursor::new(&body[..])).map_err(|e| invalid(e.to_string()))?;
+    let schema = reader_schema(T::TOPIC).expect("a Contract topic has a schema");
+    Ok(crate::json::value_to_json(&value, schema))
+}
+
 /// `body` in the Confluent framing: magic byte, schema id, Avro body.
 fn frame(id: u32, body: &[u8]) -> Vec<u8> {
     let mut framed = Vec::with_capacity(FRAME_HEADER_LEN + body.len());

@@ -282,6 +282,17 @@ mod tests {
     }
 
     #[test]
+    fn a_typed_contract_prints_as_its_avro_value_does() {
+        let payment: crate::types::Payment = crate::samples::typed(crate::samples::Fill::Full, 4);
+        let schema = crate::codec::reader_schema("billing.payments").unwrap();
+        let value = apache_avro::to_value(&payment).unwrap().resolve(schema).unwrap();
+        let json = crate::codec::contract_to_json(&payment).unwrap();
+        assert_eq!(json, value_to_json(&value, schema));
+        assert!(json["amount"].is_string(), "decimals as exact strings: {json}");
+        assert_eq!(json["envelope"]["event_id"], json!(payment.envelope.event_id));
+    }
+
+    #[test]
     fn a_mismatch_names_the_field_path() {
         let schema = crate::codec::reader_schema("refdata.contracts").unwrap();
         let value = crate::samples::sample(schema, crate::samples::Fill::Full, 9);

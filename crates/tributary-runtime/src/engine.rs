@@ -639,13 +639,11 @@ async fn attempt_timer<P: Processor>(
     if let Err(error) = outcome {
         return Err(failed("timer", error, codec, declared, if_dead_lettered).await);
     }
-    // A timer fires once: unless its handler moved it to another time, it is gone.
-    let moved = staged.touched_timer(&timer.key)
-        && staged
-            .scheduled(&timer.key)
-            .map_err(|e| Failure::at("timer")(e.into()))?
-            .is_some_and(|due| due != timer.due_at);
-    if !moved {
+    // A timer fires once: unless its handler scheduled it again (for any time, its own due
+    // time included: more work is due at once), it is gone.
+    let scheduled_again = staged.touched_timer(&timer.key)
+        && staged.scheduled(&timer.key).map_err(|e| Failure::at("timer")(e.into()))?.is_some();
+    if !scheduled_again {
         staged.cancel(&timer.key);
     }
     let outputs = encode_outputs(codec, declared, outputs).await?;

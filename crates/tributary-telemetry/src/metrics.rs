@@ -133,6 +133,12 @@ impl ServiceMetrics {
     /// Creates the metrics and registers them, under [`METRIC_PREFIX`], with a `service_info`
     /// gauge naming the service and its version.
     pub fn register(registry: &mut Registry, service: &str) -> Self {
+        Self::register_with_prefix(registry, METRIC_PREFIX, service)
+    }
+
+    /// The same metrics under another prefix, for a second stream runtime in one process (the
+    /// outbound relays, `tributary_relay_*`), so that no metric name is registered twice.
+    pub fn register_with_prefix(registry: &mut Registry, prefix: &str, service: &str) -> Self {
         let metrics = Self {
             records_consumed: Family::default(),
             records_produced: Family::default(),
@@ -149,7 +155,7 @@ impl ServiceMetrics {
             state_records_restored: Family::default(),
             partitions_stopped: Counter::default(),
         };
-        let r = registry.sub_registry_with_prefix(METRIC_PREFIX);
+        let r = registry.sub_registry_with_prefix(prefix);
         let info: Family<InfoLabels, Gauge> = Family::default();
         info.get_or_create(&InfoLabels { service: service.to_owned(), version: env!("CARGO_PKG_VERSION").to_owned() })
             .set(1);
