@@ -25,13 +25,13 @@ const METER: &str = "api_calls";
 const PLAN: &str = "plan-pro";
 
 /// One test's isolated world: topics under a unique prefix, its own group.
-struct Router {
-    stack: &'static Stack,
-    prefix: String,
-    group: String,
-    codec: Codec,
+pub(crate) struct Router {
+    pub(crate) stack: &'static Stack,
+    pub(crate) prefix: String,
+    pub(crate) group: String,
+    pub(crate) codec: Codec,
     /// The current billing period: this calendar month.
-    period: (DateTime<Utc>, DateTime<Utc>),
+    pub(crate) period: (DateTime<Utc>, DateTime<Utc>),
 }
 
 fn month_of(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
@@ -41,7 +41,7 @@ fn month_of(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
 }
 
 impl Router {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let stack = stack();
         let prefix = format!("{}.", unique_name("br"));
         Self {
@@ -53,7 +53,7 @@ impl Router {
         }
     }
 
-    fn config(&self) -> ServiceConfig<Settings> {
+    pub(crate) fn config(&self) -> ServiceConfig<Settings> {
         let mut config = self.stack.service_config::<Settings>("billing-router");
         config.kafka.group_id = Some(self.group.clone());
         config.kafka.transactional_id_prefix = Some(self.group.clone());
@@ -63,8 +63,12 @@ impl Router {
         config
     }
 
-    async fn start(&self) -> RunningService {
-        let service = spawn::<App>(self.config()).await.expect("start billing-router");
+    pub(crate) async fn start(&self) -> RunningService {
+        self.start_with(self.config()).await
+    }
+
+    pub(crate) async fn start_with(&self, config: ServiceConfig<Settings>) -> RunningService {
+        let service = spawn::<App>(config).await.expect("start billing-router");
         let ready = format!("http://{}/health/ready", service.admin_addr);
         eventually(Duration::from_secs(60), "billing-router to be ready", || async {
             reqwest::get(&ready).await.ok().filter(|r| r.status().is_success())
@@ -73,13 +77,13 @@ impl Router {
         service
     }
 
-    fn topic(&self, topic: &str) -> String {
+    pub(crate) fn topic(&self, topic: &str) -> String {
         format!("{}{topic}", self.prefix)
     }
 
     /// The master data of `accounts`: a customer, a contract including 1,000 calls a month, and
     /// the per-unit plan (0.10 USD a call) they share.
-    async fn publish_master_data(&self, accounts: &[String]) -> Vec<Contract> {
+    pub(crate) async fn publish_master_data(&self, accounts: &[String]) -> Vec<Contract> {
         let term_start = self.period.0 - chrono::Duration::days(40);
         let customers: Vec<(String, Customer)> = accounts
             .iter()
@@ -95,20 +99,20 @@ impl Router {
         contracts
     }
 
-    async fn publish<T: tributary_contracts::Contract>(&self, records: &[(String, T)]) {
+    pub(crate) async fn publish<T: tributary_contracts::Contract>(&self, records: &[(String, T)]) {
         produce_keyed(&producer(self.stack), &self.codec, &self.topic(T::TOPIC), records).await;
     }
 
-    async fn produce<T: tributary_contracts::Contract>(&self, values: &[T]) {
+    pub(crate) async fn produce<T: tributary_contracts::Contract>(&self, values: &[T]) {
         produce(&producer(self.stack), &self.codec, &self.topic(T::TOPIC), values).await;
     }
 
-    async fn read<T: tributary_contracts::Contract>(&self) -> Vec<T> {
+    pub(crate) async fn read<T: tributary_contracts::Contract>(&self) -> Vec<T> {
         let records: Vec<Read<T>> = read_to_end(self.stack, &self.codec, &self.topic(T::TOPIC)).await;
         records.into_iter().map(|r| r.value.expect("every record decodes")).collect()
     }
 
-    async fn wait_for<T: tributary_contracts::Contract>(&self, count: usize) -> Vec<T> {
+    pub(crate) async fn wait_for<T: tributary_contracts::Contract>(&self, count: usize) -> Vec<T> {
         eventually(Duration::from_secs(60), &format!("{count} records on {}", T::TOPIC), || async {
             let records = self.read::<T>().await;
             (records.len() >= count).then_some(records)
@@ -116,11 +120,11 @@ impl Router {
         .await
     }
 
-    fn crossing(&self, contract: &Contract, percent: i32, used: &str) -> UsageThresholdCrossed {
+    pub(crate) fn crossing(&self, contract: &Contract, percent: i32, used: &str) -> UsageThresholdCrossed {
         fixtures::crossing(contract, METER, percent, used, self.period, Utc::now())
     }
 
-    fn final_total(&self, contract: &Contract, used: &str) -> UsageRecorded {
+    pub(crate) fn final_total(&self, contract: &Contract, used: &str) -> UsageRecorded {
         let mut envelope = Envelope::originating("tributary.usage-ingest", &contract.envelope.account_id, Utc::now());
         envelope.source = "tributary.usage-ingest".into();
         UsageRecorded {
@@ -142,7 +146,7 @@ impl Router {
     }
 }
 
-fn accounts(prefix: &str, count: usize) -> Vec<String> {
+pub(crate) fn accounts(prefix: &str, count: usize) -> Vec<String> {
     (0..count).map(|i| format!("{prefix}-{i:02}")).collect()
 }
 

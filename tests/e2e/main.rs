@@ -9,3 +9,4 @@ mod schema_registry;
 mod service_shape;
 mod tryton_erp;
 mod usage_ingest;
+mod webhooks;

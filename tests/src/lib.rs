@@ -7,6 +7,7 @@
 
 pub mod echo;
 pub mod kafka;
+pub mod webhook;
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::OnceLock;

@@ -163,7 +163,7 @@ impl<'a, S> Outbound<'a, S> {
 }
 
 /// A relay's runtime, whatever record type it delivers.
-trait RunRelay: Send + std::fmt::Debug {
+trait RunRelay: Send + Sync + std::fmt::Debug {
     fn run(self: Box<Self>, shutdown: CancellationToken) -> BoxFuture<'static, anyhow::Result<()>>;
 }
 

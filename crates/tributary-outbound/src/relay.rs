@@ -84,6 +84,13 @@ pub struct Delivery {
     pub first_attempt_at: Option<DateTime<Utc>>,
 }
 
+/// The delivery id (`webhook-id`) of the record `event_id` of `topic` to `endpoint`: the same
+/// for every attempt, redelivery and replay.
+pub fn delivery_id(endpoint: &str, topic: &str, event_id: &str) -> String {
+    let name = format!("{endpoint}\u{1f}{topic}\u{1f}{event_id}");
+    Uuid::new_v5(&DELIVERY_NAMESPACE, name.as_bytes()).to_string()
+}
+
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq)]
 enum Verdict {
@@ -163,8 +170,7 @@ impl<T: Contract + 'static, S: Transport> Relay<T, S> {
     fn delivery(&self, record: &T, data: Json) -> Delivery {
         let envelope = record.envelope().clone();
         let event_type = record_full_name(T::TOPIC).unwrap_or(T::TOPIC).to_owned();
-        let name = format!("{}\u{1f}{}\u{1f}{}", self.endpoint, T::TOPIC, envelope.event_id);
-        let delivery_id = Uuid::new_v5(&DELIVERY_NAMESPACE, name.as_bytes()).to_string();
+        let delivery_id = delivery_id(&self.endpoint, T::TOPIC, &envelope.event_id);
         let since = envelope.occurred_at_utc();
         let body = cloud_event(&envelope, &event_type, data).to_string();
         Delivery { delivery_id, record: envelope, event_type, body, since, attempts: 0, first_attempt_at: None }

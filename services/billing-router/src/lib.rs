@@ -19,6 +19,8 @@ pub mod settings;
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
+use tributary_contracts::types::CrmAccountUpdate;
+use tributary_outbound::{Outbound, Relays};
 use tributary_runtime::{BuildContext, Service, ServiceConfig, StreamRuntime, registry_codec, stream_settings};
 
 pub use crate::masterdata::MasterData;
@@ -32,6 +34,8 @@ pub const NAME: &str = "billing-router";
 #[derive(Debug)]
 pub struct App {
     runtime: StreamRuntime<RouterProcessor>,
+    /// The webhook relays of its output topics, if any endpoint is configured.
+    relays: Relays,
 }
 
 impl App {
@@ -75,10 +79,14 @@ impl Service for App {
                 .with_table(master.customers)
                 .with_table(master.contracts)
                 .with_table(master.plans);
-        Ok(Self { runtime })
+        let mut outbound = Outbound::new(NAME, &config.service.delivery, &config, context);
+        outbound.relay::<CrmAccountUpdate>().await?;
+        let relays = outbound.finish()?;
+        Ok(Self { runtime, relays })
     }
 
     async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.runtime.run(shutdown).await
+        let runtime = self.runtime;
+        self.relays.run_beside(shutdown, |token| runtime.run(token)).await
     }
 }

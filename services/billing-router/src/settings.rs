@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tributary_outbound::DeliverySettings;
 use tributary_runtime::ServiceSection;
 
 /// When overage charges are posted to the ERP.
@@ -46,6 +47,9 @@ pub struct Settings {
     /// ERP product code of the lines of mirrored invoices, per line kind (SUBSCRIPTION, USAGE,
     /// OVERAGE, ONE_TIME, ADJUSTMENT).
     pub invoice_line_products: BTreeMap<String, String>,
+    /// Webhook endpoints for its output topics (`crm.account-updates` to a CRM that does not
+    /// read Kafka): `[[billing_router.delivery.endpoints]]`, see `tributary_outbound::settings`.
+    pub delivery: DeliverySettings,
 }
 
 impl Default for Settings {
@@ -60,6 +64,7 @@ impl Default for Settings {
             overage_accounts: BTreeMap::new(),
             overage_tax_code: None,
             invoice_line_products: BTreeMap::new(),
+            delivery: DeliverySettings::default(),
         }
     }
 }
@@ -73,6 +78,7 @@ impl Settings {
 
 impl ServiceSection for Settings {
     fn validate(&self, errors: &mut Vec<String>) {
+        self.delivery.validate("billing_router", errors);
         if self.period_close_delay.is_zero() {
             errors.push("billing_router.period_close_delay must be positive".into());
         }
