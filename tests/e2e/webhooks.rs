@@ -278,11 +278,7 @@ async fn sigkills_during_delivery_redeliver_only_what_was_not_acknowledged_with_
             .env("TRIBUTARY__RUNTIME__INSTANCE_ID", "crashy")
             .env("TRIBUTARY__ADMIN__LISTEN", "127.0.0.1:0")
             .env("TRIBUTARY__LOG__FILTER", "warn")
-            .stdout(if std::env::var("DIAG_FILTER").is_ok() {
-                std::process::Stdio::inherit()
-            } else {
-                std::process::Stdio::null()
-            })
+            .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
