@@ -40,6 +40,7 @@ TOPICS = [
     "crm.account-updates",
     "renewal.notifications",
     "webhook.deliveries",
+    "entitlement.overrides",
 ]
 
 ENVELOPE_FIELDS = [

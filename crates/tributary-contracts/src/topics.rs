@@ -39,6 +39,9 @@ pub const RENEWAL_NOTIFICATIONS: &str = "renewal.notifications";
 /// `webhook.deliveries`: every attempt of the outbound relays to deliver a record to a webhook.
 pub const WEBHOOK_DELIVERIES: &str = "webhook.deliveries";
 
+/// `entitlement.overrides`: an operator's override of an account's entitlement state.
+pub const ENTITLEMENT_OVERRIDES: &str = "entitlement.overrides";
+
 /// Suffix of a service's dead-letter topic: `<service>.dlq`.
 pub const DLQ_SUFFIX: &str = ".dlq";
 
@@ -110,6 +113,7 @@ pub const ALL: &[TopicSpec] = &[
     topic!(CRM_ACCOUNT_UPDATES, "crm.account-updates", KeyKind::AccountId),
     topic!(RENEWAL_NOTIFICATIONS, "renewal.notifications", KeyKind::AccountId),
     topic!(WEBHOOK_DELIVERIES, "webhook.deliveries", KeyKind::AccountId),
+    topic!(ENTITLEMENT_OVERRIDES, "entitlement.overrides", KeyKind::AccountId),
 ];
 
 /// The spec of `topic`, if it is one of the contracts.
@@ -153,6 +157,7 @@ macro_rules! for_each_contract {
             CrmAccountUpdate => CRM_ACCOUNT_UPDATES,
             RenewalNotification => RENEWAL_NOTIFICATIONS,
             WebhookDeliveryAttempt => WEBHOOK_DELIVERIES,
+            EntitlementOverride => ENTITLEMENT_OVERRIDES,
         }
     };
 }

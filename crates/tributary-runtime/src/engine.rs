@@ -31,7 +31,7 @@ use crate::dlq::DeadLetter;
 use crate::processor::{Attempt, Context, GivenUp, Input, Output, ProcessError, Processor, RecordMeta, Timer};
 use crate::retry;
 use crate::state::{
-    Changes, IDEMPOTENCY_STORE, PartitionState, Staged, StateError, StoredTimer, TIMER_STORE, decode_value,
+    Changes, IDEMPOTENCY_STORE, PartitionState, Staged, StateError, StateView, StoredTimer, TIMER_STORE, decode_value,
     encode_value,
 };
 
@@ -237,6 +237,8 @@ pub(crate) struct Engine<P: Processor> {
     pub(crate) stores: Vec<&'static str>,
     replay_topic: String,
     pub(crate) partitions: BTreeMap<i32, Arc<PartitionState>>,
+    /// The committed state of the partitions restored, for queries from outside the loop.
+    pub(crate) view: StateView,
 }
 
 impl<P: Processor> std::fmt::Debug for Engine<P> {
@@ -277,6 +279,7 @@ impl<P: Processor> Engine<P> {
             declared_outputs,
             stores,
             partitions: BTreeMap::new(),
+            view: StateView::default(),
         }
     }
 

@@ -34,6 +34,8 @@ pub struct BuildContext {
     pub clock: Clock,
     /// The addresses the service's own listeners are bound to, by name (see [`listen`](Self::listen)).
     bound: Vec<(&'static str, SocketAddr)>,
+    /// The service's own routes on the admin port (see [`admin_routes`](Self::admin_routes)).
+    admin_routes: Option<axum::Router>,
 }
 
 impl BuildContext {
@@ -43,7 +45,17 @@ impl BuildContext {
         let mut registry = Registry::default();
         let metrics = ServiceMetrics::register(&mut registry, service);
         clock.register_metrics(&mut registry);
-        Self { registry, metrics, health: Health::new(), clock, bound: Vec::new() }
+        Self { registry, metrics, health: Health::new(), clock, bound: Vec::new(), admin_routes: None }
+    }
+
+    /// Serves `routes` on the admin port too, beside `/metrics` and the probes: read-only
+    /// queries for operators and for systems that must ask before they act. The admin port is
+    /// never exposed publicly.
+    pub fn admin_routes(&mut self, routes: axum::Router) {
+        self.admin_routes = Some(match self.admin_routes.take() {
+            Some(existing) => existing.merge(routes),
+            None => routes,
+        });
     }
 
     /// Binds a listener of the service's, named `name` (e.g. `http`). Port 0 takes a free port;
@@ -154,9 +166,12 @@ async fn start<S: Service>(
     let grace = config.runtime.shutdown_grace;
     let service = S::build(config, &mut context).await.with_context(|| format!("building {}", S::NAME))?;
 
-    let admin = AdminServer::bind(admin_listen, Arc::new(context.registry), health.clone())
+    let mut admin = AdminServer::bind(admin_listen, Arc::new(context.registry), health.clone())
         .await
         .with_context(|| format!("binding the admin port {admin_listen}"))?;
+    if let Some(routes) = context.admin_routes {
+        admin = admin.with_routes(routes);
+    }
     let admin_addr = admin.local_addr()?;
     let mut bound = context.bound;
     bound.insert(0, ("admin", admin_addr));

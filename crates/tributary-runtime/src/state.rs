@@ -265,6 +265,13 @@ impl PartitionState {
         self.layers().read(store, key).map(|bytes| decode_value(store, key, bytes)).transpose()
     }
 
+    /// Reads `key` of `store` as committed transactions left it (no pending changes).
+    fn get_committed<V: StoredValue>(&self, store: &'static str, key: &str) -> Result<Option<V>, StateError> {
+        let layers = self.layers();
+        let bytes = layers.base.get(store).and_then(|entries| entries.get(key));
+        bytes.map(|bytes| decode_value(store, key, bytes)).transpose()
+    }
+
     /// Whether `key` of `store` holds a value.
     pub(crate) fn contains(&self, store: &str, key: &str) -> bool {
         self.layers().read(store, key).is_some()
@@ -397,6 +404,44 @@ impl PartitionState {
     /// Committed and pending value of `key` in `store`, read as `V`; for tests and tools.
     pub fn read<V: StoredValue>(&self, store: Store<V>, key: &str) -> Result<Option<V>, StateError> {
         self.get(store.name(), key)
+    }
+}
+
+/// A read-only view of the committed state of the partitions an instance holds, for queries
+/// from outside the processing loop (an admin endpoint that answers "what is this account's
+/// state?"). It never shows what an open transaction wrote, which may still abort; a partition
+/// joins the view once its state is restored and leaves it when it is revoked.
+#[derive(Debug, Clone, Default)]
+pub struct StateView {
+    partitions: Arc<RwLock<BTreeMap<i32, Arc<PartitionState>>>>,
+}
+
+impl StateView {
+    pub(crate) fn insert(&self, state: Arc<PartitionState>) {
+        self.partitions.write().expect("view lock").insert(state.partition(), state);
+    }
+
+    pub(crate) fn remove(&self, partition: i32) {
+        self.partitions.write().expect("view lock").remove(&partition);
+    }
+
+    /// The partitions whose state this instance holds, restored.
+    pub fn held(&self) -> Vec<i32> {
+        self.partitions.read().expect("view lock").keys().copied().collect()
+    }
+
+    /// The committed value of `key` in `store`, with the partition holding it, if any partition
+    /// this instance holds has it. Keys are per partition; a key found in none of them is
+    /// unknown here, or held by another instance of the group.
+    pub fn find<V: StoredValue>(&self, store: Store<V>, key: &str) -> Result<Option<(i32, V)>, StateError> {
+        let partitions: Vec<Arc<PartitionState>> =
+            self.partitions.read().expect("view lock").values().cloned().collect();
+        for state in partitions {
+            if let Some(value) = state.get_committed(store.name(), key)? {
+                return Ok(Some((state.partition(), value)));
+            }
+        }
+        Ok(None)
     }
 }
 

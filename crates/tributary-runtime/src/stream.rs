@@ -217,6 +217,12 @@ impl<P: Processor> StreamRuntime<P> {
         })
     }
 
+    /// The committed state of the partitions this instance holds, for queries from outside
+    /// the loop (an admin endpoint); see [`StateView`](crate::state::StateView).
+    pub fn state_view(&self) -> crate::state::StateView {
+        self.engine.view.clone()
+    }
+
     /// Holds `table` for the processor: the runtime follows its topic from the beginning and
     /// processes nothing before it (and every other table) has caught up with what the topic
     /// held at start-up, so that master data published before an event is visible to it.
@@ -608,6 +614,9 @@ impl<P: Processor> StreamRuntime<P> {
             }
             let settings = &self.settings;
             restore(&settings.kafka, settings.service, &self.engine.stores, &states, &self.engine.metrics).await?;
+            for state in states {
+                self.engine.view.insert(state);
+            }
             for partition in to_restore {
                 self.slots.insert(partition, Slot::Idle);
             }
@@ -624,6 +633,7 @@ impl<P: Processor> StreamRuntime<P> {
             task.abort();
         }
         self.engine.partitions.remove(&partition);
+        self.engine.view.remove(partition);
         self.held.remove(&partition);
     }
 

@@ -34,7 +34,7 @@ use crate::config::RetryConfig;
 use crate::engine::{Backoff, Completion, DeadLetterRecord, EncodedOutput, Engine, EngineSettings, Record, Work};
 use crate::kafka::partition_of;
 use crate::processor::{Attempt, EncodeOutput, Processor};
-use crate::state::{PartitionState, Store, StoredValue};
+use crate::state::{PartitionState, StateView, Store, StoredValue};
 
 /// Where the driver's clock starts unless told otherwise: a fixed time, so that tests repeat.
 pub const DEFAULT_START: &str = "2026-01-01T00:00:00Z";
@@ -367,7 +367,13 @@ impl<P: Processor> TestDriver<P> {
         self.engine.partitions.values().find_map(|state| state.read(store, key).expect("stored state reads back"))
     }
 
-    /// The state of `partition`, if anything ran on it.
+    /// The committed state as a query from outside the loop sees it (what the service's
+    /// [`StreamRuntime::state_view`](crate::StreamRuntime::state_view) gives).
+    pub fn state_view(&self) -> StateView {
+        self.engine.view.clone()
+    }
+
+    /// The state of `partition`, committed and pending.
     pub fn state(&self, partition: i32) -> Option<&PartitionState> {
         self.engine.partitions.get(&partition).map(|state| &**state)
     }
@@ -417,6 +423,7 @@ impl<P: Processor> TestDriver<P> {
         };
         let mut restarted = Engine::new(processor, settings, codec.clone(), engine.clock.clone(), metrics);
         restarted.partitions = engine.partitions;
+        restarted.view = engine.view;
         TestDriver {
             engine: restarted,
             codec,
@@ -513,6 +520,7 @@ impl<P: Processor> TestDriver<P> {
     /// One attempt, and what its outcome means, committed at once.
     async fn attempt(&mut self, partition: i32, work: Work, attempt: u32, first_at: Option<DateTime<Utc>>) -> Outcome {
         let state = self.engine.partition(partition);
+        self.engine.view.insert(state.clone());
         let first_at = first_at.unwrap_or_else(|| self.engine.clock.now());
         let attempted = self.engine.attempt(&work, &state, Attempt { number: attempt, first_at }).await;
         let completion = self.engine.finish(&state, &work, attempted, attempt, first_at);

@@ -53,6 +53,13 @@ impl AdminServer {
         Ok(Self { listener, router })
     }
 
+    /// Adds a service's own read-only routes (e.g. `GET /accounts/{id}/entitlement`) beside the
+    /// probes and the scrape endpoint.
+    pub fn with_routes(mut self, routes: Router) -> Self {
+        self.router = self.router.merge(routes);
+        self
+    }
+
     /// The address actually bound (useful when port 0 was asked for).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
