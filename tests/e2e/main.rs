@@ -2,6 +2,7 @@
 
 mod billing_router;
 mod contracts;
+mod entitlement_watcher;
 mod erp_poster;
 mod kafka_transactions;
 mod runtime;
