@@ -256,7 +256,8 @@ async fn a_case_opened_during_grace_carries_the_flag_once_and_reaches_the_suppor
     assert_eq!(answer["state"], "GRACE", "{answer}");
     assert_eq!(answer["outstanding_amount"], "250");
     assert_eq!(answer["open_cases"], serde_json::json!(["48213", "48214"]));
-    let unknown = reqwest::get(format!("http://{}/accounts/acct-nobody/entitlement", service.admin_addr)).await.unwrap();
+    let unknown =
+        reqwest::get(format!("http://{}/accounts/acct-nobody/entitlement", service.admin_addr)).await.unwrap();
     assert_eq!(unknown.status(), reqwest::StatusCode::NOT_FOUND);
 
     // Every flag reached the support platform's webhook, verified by the library, once each.

@@ -281,8 +281,8 @@ mod tests {
         settings.rules.push(Rule::new(Trigger::PaymentFailed, &[EntitlementState::Suspended], EntitlementState::Grace));
         assert!(problems(&settings).iter().any(|e| e.contains("more restricted state")));
 
-        let mut settings = Settings::default();
-        settings.states = vec![EntitlementState::Grace, EntitlementState::Active];
+        let settings =
+            Settings { states: vec![EntitlementState::Grace, EntitlementState::Active], ..Settings::default() };
         assert!(!problems(&settings).is_empty());
     }
 
