@@ -107,6 +107,13 @@ impl<T: Reference> ReferenceTable<T> {
         let _ = self.shared.rows_gauge.set(gauge);
     }
 
+    /// Registers a gauge of the live rows as `name` in `registry` and keeps it current.
+    pub fn register_rows(&self, registry: &mut prometheus_client::registry::Registry, name: &str, help: &str) {
+        let gauge = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(name, help, gauge.clone());
+        self.observe_rows(gauge);
+    }
+
     /// The entity `key`.
     pub fn get(&self, key: &str) -> Option<Arc<T>> {
         self.shared.rows.read().expect("table lock").by_key.get(key).cloned()

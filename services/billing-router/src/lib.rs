@@ -17,7 +17,6 @@ pub mod processor;
 pub mod rating;
 pub mod settings;
 
-use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 use tributary_contracts::types::CrmAccountUpdate;
 use tributary_outbound::{Outbound, Relays};
@@ -42,14 +41,9 @@ impl App {
     fn register_metrics(context: &mut BuildContext, master: &MasterData) -> RouterMetrics {
         let metrics = RouterMetrics::default();
         let registry = context.registry.sub_registry_with_prefix("tributary_billing_router");
-        let rows = |name: &str, help: &str, registry: &mut prometheus_client::registry::Registry| {
-            let gauge = Gauge::default();
-            registry.register(name, help, gauge.clone());
-            gauge
-        };
-        master.customers.observe_rows(rows("customers", "Customers held from refdata.customers", registry));
-        master.contracts.observe_rows(rows("contracts", "Contracts held from refdata.contracts", registry));
-        master.plans.observe_rows(rows("price_plans", "Price plans held from refdata.price-plans", registry));
+        master.customers.register_rows(registry, "customers", "Customers held from refdata.customers");
+        master.contracts.register_rows(registry, "contracts", "Contracts held from refdata.contracts");
+        master.plans.register_rows(registry, "price_plans", "Price plans held from refdata.price-plans");
         registry.register("charges", "Overage charges emitted", metrics.charges.clone());
         registry.register(
             "charges_not_needed",

@@ -13,7 +13,6 @@ pub mod processor;
 pub mod query;
 pub mod settings;
 
-use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 use tributary_contracts::types::{CrmAccountUpdate, EntitlementChanged, SupportAccountFlag};
 use tributary_outbound::{Outbound, Relays};
@@ -37,13 +36,8 @@ impl App {
     fn register_metrics(context: &mut BuildContext, master: &MasterData) -> WatcherMetrics {
         let metrics = WatcherMetrics::default();
         let registry = context.registry.sub_registry_with_prefix("tributary_entitlement_watcher");
-        let rows = |name: &str, help: &str, registry: &mut prometheus_client::registry::Registry| {
-            let gauge = Gauge::default();
-            registry.register(name, help, gauge.clone());
-            gauge
-        };
-        master.customers.observe_rows(rows("customers", "Customers held from refdata.customers", registry));
-        master.contracts.observe_rows(rows("contracts", "Contracts held from refdata.contracts", registry));
+        master.customers.register_rows(registry, "customers", "Customers held from refdata.customers");
+        master.contracts.register_rows(registry, "contracts", "Contracts held from refdata.contracts");
         registry.register("transitions", "Entitlement transitions by from, to and reason", metrics.transitions.clone());
         registry.register(
             "flags",
