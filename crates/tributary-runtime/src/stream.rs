@@ -7,8 +7,10 @@
 //! 2. Loop until shutdown:
 //!    - commit the open transaction every `commit_interval` (or `max_batch_records`);
 //!    - a record arrives: if its partition is idle, attempt it (see below); if the partition is
-//!      busy (an attempt in flight, a retry or a paused downstream waiting, a stop), pause that
-//!      topic-partition and rewind it to this record, to resume when the partition is idle;
+//!      busy (an attempt in flight, a retry or a paused downstream waiting, a stop), queue it
+//!      in the partition's backlog, attempted in order as the partition frees; with the
+//!      backlog full, pause that topic-partition and rewind it to this record, to resume once
+//!      the backlog is drained;
 //!    - an attempt that did not finish at once (a slow downstream) runs as a task of its own;
 //!      the partition waits for it, every other partition goes on, and the loop keeps
 //!      committing;
@@ -24,7 +26,7 @@
 //! driver; what is written goes through the [`transaction`](crate::transaction); assignment and
 //! restore are in [`rebalance`](crate::rebalance).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,6 +61,10 @@ const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Most timers one partition fires in one turn of the loop, so that a handler that keeps
 /// rescheduling itself into the past cannot hold the loop.
 const MAX_TIMERS_PER_TURN: usize = 1_000;
+/// Records kept per busy partition before its topics are paused and rewound: enough for a
+/// partition whose attempts wait on I/O (an ERP call, a webhook) never to fetch a record twice
+/// at the usual fetch sizes, little enough to bound memory (records are at most a few KiB).
+const MAX_BACKLOG: usize = 2_000;
 /// Longest the shutdown waits for attempts in flight before it aborts them (their records are
 /// not committed, so the next owner takes them again); half the grace, so that the commit and
 /// the goodbye to the group still fit.
@@ -117,8 +123,14 @@ pub struct StreamRuntime<P: Processor> {
     /// Bumped whenever work in flight is thrown away (an abort), so that a task finishing
     /// afterwards is not mistaken for the partition's current attempt.
     generation: u64,
-    /// Input topics paused, by partition, because the partition was busy when their next
-    /// record arrived; each was rewound to that record and resumes when the partition is idle.
+    /// Records fetched while their partition was busy, in arrival order: attempted one after
+    /// the other as the partition frees, without fetching them again.
+    backlog: BTreeMap<i32, VecDeque<Record>>,
+    /// Partitions whose backlog is drained next (their attempt finished).
+    freed: Vec<i32>,
+    /// Input topics paused, by partition, because the partition's backlog was full when their
+    /// next record arrived; each was rewound to that record and resumes once the backlog is
+    /// drained.
     held: BTreeMap<i32, BTreeSet<String>>,
     input_metrics: HashMap<String, InputMetrics>,
     tables: Vec<Box<dyn FollowedTable>>,
@@ -208,6 +220,8 @@ impl<P: Processor> StreamRuntime<P> {
             slots: BTreeMap::new(),
             tasks: JoinSet::new(),
             generation: 0,
+            backlog: BTreeMap::new(),
+            freed: Vec::new(),
             held: BTreeMap::new(),
             input_metrics: HashMap::new(),
             tables: Vec::new(),
@@ -280,6 +294,7 @@ impl<P: Processor> StreamRuntime<P> {
                 self.commit().await?;
             }
             self.resume_waiting()?;
+            self.drain_freed()?;
             let wait = self.next_wake();
             tokio::select! {
                 biased;
@@ -325,18 +340,55 @@ impl<P: Processor> StreamRuntime<P> {
         waits.chain(self.transactions.until_due(interval)).fold(interval, Duration::min).max(Duration::from_millis(1))
     }
 
-    /// A record arrived: attempt it if its partition is idle, or hold its topic-partition.
+    /// A record arrived: attempt it if its partition is idle and has no backlog, else queue it
+    /// behind the partition's backlog (or, with the backlog full, hold its topic-partition).
     fn on_record(&mut self, record: Record) -> anyhow::Result<()> {
         let partition = record.partition;
+        if self.held.get(&partition).is_some_and(|topics| topics.contains(&record.topic)) {
+            // Fetched before the pause took effect: it is read again after the rewind.
+            return Ok(());
+        }
+        let queued = self.backlog.get(&partition).map_or(0, VecDeque::len);
         match self.slots.get(&partition) {
             None => Ok(()), // revoked meanwhile: its new owner reads it
-            Some(Slot::Idle) => {
+            Some(Slot::Idle) if queued == 0 => {
                 self.input_metrics(&record.topic).consumed.inc();
                 self.start(partition, Work::Record(Arc::new(record)), 1, None)?;
                 self.drive(partition)
             }
+            Some(_) if queued < MAX_BACKLOG => {
+                self.backlog.entry(partition).or_default().push_back(record);
+                Ok(())
+            }
             Some(_) => self.hold(&record),
         }
+    }
+
+    /// Attempts the backlog of the partitions whose attempt finished, one record after the
+    /// other while each stays idle (in a loop, not by recursion: most attempts finish at once).
+    fn drain_freed(&mut self) -> anyhow::Result<()> {
+        while let Some(partition) = self.freed.pop() {
+            if self.stopping {
+                self.freed.clear();
+                break;
+            }
+            if !matches!(self.slots.get(&partition), Some(Slot::Idle)) {
+                continue;
+            }
+            match self.backlog.get_mut(&partition).and_then(VecDeque::pop_front) {
+                Some(record) => {
+                    self.input_metrics(&record.topic).consumed.inc();
+                    self.start(partition, Work::Record(Arc::new(record)), 1, None)?;
+                }
+                None => {
+                    if self.backlog.remove(&partition).is_some() || self.held.contains_key(&partition) {
+                        self.release(partition)?;
+                        self.drive(partition)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Attempts `work` on `partition`: at once if it finishes without waiting, else in a task.
@@ -448,7 +500,8 @@ impl<P: Processor> StreamRuntime<P> {
             Work::Timer(_) => self.transactions.begin()?,
         }
         self.slots.insert(partition, Slot::Idle);
-        self.release(partition)
+        self.freed.push(partition);
+        Ok(())
     }
 
     fn wait(&mut self, partition: i32, work: Work, attempt: u32, first_at: DateTime<Utc>, after: Duration) {
@@ -573,6 +626,9 @@ impl<P: Processor> StreamRuntime<P> {
 
     fn drop_work_in_flight(&mut self) {
         self.generation += 1;
+        // Fetched after the offsets the partitions are read again from.
+        self.backlog.clear();
+        self.freed.clear();
         self.tasks.abort_all();
         for slot in self.slots.values_mut() {
             if !matches!(slot, Slot::Stopped) {
@@ -634,6 +690,7 @@ impl<P: Processor> StreamRuntime<P> {
         }
         self.engine.partitions.remove(&partition);
         self.engine.view.remove(partition);
+        self.backlog.remove(&partition);
         self.held.remove(&partition);
     }
 
