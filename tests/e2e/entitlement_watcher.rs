@@ -112,13 +112,21 @@ impl Watcher {
 
     /// Runs `tributary clock <args>` against the world's deployment.
     async fn clock(&self, args: &[&str]) -> String {
+        let mut command = vec!["clock"];
+        command.extend_from_slice(args);
+        self.cli(&command).await
+    }
+
+    /// Runs `tributary <args>` against the world's deployment; returns what it printed.
+    async fn cli(&self, args: &[&str]) -> String {
         let output = Command::new(workspace_binary("tributary"))
-            .args(["--bootstrap-servers", &self.stack.bootstrap, "--topic-prefix", &self.prefix, "clock"])
+            .args(["--bootstrap-servers", &self.stack.bootstrap, "--topic-prefix", &self.prefix])
+            .args(["--registry-url", &self.stack.registry_url])
             .args(args)
             .output()
             .await
-            .expect("run tributary clock");
-        assert!(output.status.success(), "tributary clock {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+            .expect("run tributary");
+        assert!(output.status.success(), "tributary {args:?}: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 }
@@ -269,5 +277,28 @@ async fn a_case_opened_during_grace_carries_the_flag_once_and_reaches_the_suppor
     let cases: Vec<serde_json::Value> = deliveries.iter().map(|d| d.body["data"]["case_id"].clone()).collect();
     assert_eq!(cases, vec![serde_json::Value::Null, "48213".into(), "48214".into()], "{deliveries:?}");
     assert!(receiver.refusals().is_empty(), "{:?}", receiver.refusals());
+
+    // Finance suspends the account by hand, through the CLI: MANUAL, with who and why.
+    let printed = world
+        .cli(&[
+            "entitlement",
+            "override",
+            "acct-case",
+            "--to",
+            "SUSPENDED",
+            "--by",
+            "jane@finance",
+            "--reason",
+            "chargeback under review",
+        ])
+        .await;
+    assert!(printed.contains("override of acct-case"), "{printed}");
+    let changes = world.wait_for_changes(2, "the manual suspension").await;
+    let manual = &changes["acct-case"][1];
+    assert_eq!(manual.to_state, EntitlementState::Suspended);
+    assert_eq!(manual.reason, tributary_contracts::types::TransitionReason::Manual);
+    assert_eq!(manual.reason_detail.as_deref(), Some("by jane@finance: chargeback under review"));
+    let answer: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert_eq!((answer["state"].as_str(), answer["manual_hold"].as_bool()), (Some("SUSPENDED"), Some(true)));
     service.stop().await.expect("clean stop");
 }

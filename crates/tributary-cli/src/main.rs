@@ -5,12 +5,14 @@
 //! - `publish <topic>`: JSON values encoded through the registry into a topic ([`publish`]).
 //! - `dlq list | show | replay`: dead-letter inspection and replay ([`dlq`]).
 //! - `clock show | advance | set`: the controlled clock of a deployment ([`clock`]).
+//! - `entitlement override`: an operator's override of an account's entitlement ([`entitlement`]).
 //!
 //! Kafka and registry settings come from the same `TRIBUTARY__KAFKA__…` and
 //! `TRIBUTARY__REGISTRY__…` variables as the services, or from the flags.
 
 mod clock;
 mod dlq;
+mod entitlement;
 mod publish;
 mod schemas;
 mod tap;
@@ -53,6 +55,9 @@ enum Command {
     /// The controlled clock of every service of the deployment: show, advance, set.
     #[command(subcommand)]
     Clock(clock::ClockCommand),
+    /// Entitlements: an operator's override of an account's state (with who and why).
+    #[command(subcommand)]
+    Entitlement(entitlement::EntitlementCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +119,7 @@ async fn main() -> ExitCode {
             Command::Publish(args) => publish::run(&connections(&cli)?, args).await,
             Command::Dlq(command) => dlq::run(&connections(&cli)?, command).await,
             Command::Clock(command) => clock::run(&connections(&cli)?, command).await,
+            Command::Entitlement(command) => entitlement::run(&connections(&cli)?, command).await,
         }
     }
     .await;
