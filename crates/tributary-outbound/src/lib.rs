@@ -120,6 +120,9 @@ impl<'a, S> Outbound<'a, S> {
             settings.kafka.transactional_id_prefix.map(|prefix| relay_service(&prefix, &endpoint.name));
         let mut context = BuildContext::new(name, self.context.clock.clone());
         context.metrics = self.relay_metrics.clone().expect("registered when an endpoint is configured");
+        // The service is ready when its relays are too: a pod whose relay cannot join its group
+        // delivers nothing, and must say so.
+        self.context.health.require(context.health.clone());
         let metrics =
             self.metrics.as_ref().expect("registered when an endpoint is configured").endpoint(&endpoint.name);
         // A probe that never answered lets another go after twice the request timeout.

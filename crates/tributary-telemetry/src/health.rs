@@ -4,7 +4,7 @@
 //! service, its partitions are assigned and their state is restored. The runtime owns the
 //! transitions; the admin server only reads them.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Shared health flags. Cloning shares the same flags.
@@ -19,6 +19,8 @@ struct HealthInner {
     not_live: AtomicBool,
     /// True while the service can process: partitions assigned and state restored.
     ready: AtomicBool,
+    /// Loops of the same process that must be ready too (a service's webhook relays).
+    parts: Mutex<Vec<Health>>,
 }
 
 impl Health {
@@ -32,9 +34,18 @@ impl Health {
         !self.inner.not_live.load(Ordering::Acquire)
     }
 
-    /// Whether the service can do useful work.
+    /// Whether the service can do useful work: its own loop and every [required](Self::require)
+    /// part are ready.
     pub fn is_ready(&self) -> bool {
-        self.is_live() && self.inner.ready.load(Ordering::Acquire)
+        self.is_live()
+            && self.inner.ready.load(Ordering::Acquire)
+            && self.inner.parts.lock().expect("health lock").iter().all(Health::is_ready)
+    }
+
+    /// Makes readiness wait for `part` too: another loop of the process, with flags of its own
+    /// (a webhook relay beside the service's stream loop).
+    pub fn require(&self, part: Health) {
+        self.inner.parts.lock().expect("health lock").push(part);
     }
 
     /// Sets readiness.
@@ -70,5 +81,18 @@ mod tests {
         assert!(!health.is_ready());
         health.set_ready(true);
         assert!(!health.is_ready(), "a stopping service must not report ready again");
+    }
+
+    #[test]
+    fn a_service_is_ready_once_every_required_part_is() {
+        let health = Health::new();
+        let relay = Health::new();
+        health.require(relay.clone());
+        health.set_ready(true);
+        assert!(!health.is_ready(), "its relay is not ready yet");
+        relay.set_ready(true);
+        assert!(health.is_ready());
+        relay.set_ready(false);
+        assert!(!health.is_ready(), "a relay restoring after a rebalance makes the service not ready");
     }
 }
