@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -28,7 +28,9 @@ use tributary_telemetry::metrics::{DlqLabels, StageLabels, TopicLabels};
 use crate::clock::Clock;
 use crate::config::RetryConfig;
 use crate::dlq::DeadLetter;
-use crate::processor::{Attempt, Context, GivenUp, Input, Output, ProcessError, Processor, RecordMeta, Timer};
+use crate::processor::{
+    Attempt, Context, GivenUp, Input, Output, ProcessError, Processor, RecordMeta, SWEEP_TIMER, Timer,
+};
 use crate::retry;
 use crate::state::{
     Changes, IDEMPOTENCY_STORE, PartitionState, Staged, StateError, StateView, StoredTimer, TIMER_STORE, decode_value,
@@ -239,6 +241,9 @@ pub(crate) struct Engine<P: Processor> {
     pub(crate) partitions: BTreeMap<i32, Arc<PartitionState>>,
     /// The committed state of the partitions restored, for queries from outside the loop.
     pub(crate) view: StateView,
+    /// When each partition's next sweep is due (clock ms), if the processor sweeps; kept in
+    /// memory only: a partition assigned, or an instance started, sweeps at once.
+    sweeps: Mutex<HashMap<i32, i64>>,
 }
 
 impl<P: Processor> std::fmt::Debug for Engine<P> {
@@ -280,6 +285,7 @@ impl<P: Processor> Engine<P> {
             stores,
             partitions: BTreeMap::new(),
             view: StateView::default(),
+            sweeps: Mutex::default(),
         }
     }
 
@@ -310,8 +316,32 @@ impl<P: Processor> Engine<P> {
         self.partitions.entry(partition).or_insert_with(|| PartitionState::new(partition)).clone()
     }
 
-    /// The earliest timer of `partition` due at `now_ms`, as work.
+    /// When `partition`'s next sweep is due, if the processor sweeps (at once for a partition
+    /// not swept yet).
+    pub(crate) fn sweep_due(&self, partition: i32, now_ms: i64) -> Option<i64> {
+        self.processor.sweep_every()?;
+        Some(self.sweeps.lock().expect("sweep lock").get(&partition).copied().unwrap_or(now_ms))
+    }
+
+    /// Forgets when `partition` was swept (it was revoked): its next owner sweeps it at once.
+    pub(crate) fn forget_sweep(&self, partition: i32) {
+        self.sweeps.lock().expect("sweep lock").remove(&partition);
+    }
+
+    /// The earliest timer of `partition` due at `now_ms`, as work: its sweep first, if due.
     pub(crate) fn due_timer(&self, partition: i32, now_ms: i64) -> Result<Option<Work>, StateError> {
+        if let Some(every) = self.processor.sweep_every()
+            && self.sweep_due(partition, now_ms).is_some_and(|due| due <= now_ms)
+        {
+            let every_ms = i64::try_from(every.as_millis()).unwrap_or(i64::MAX).max(1);
+            self.sweeps.lock().expect("sweep lock").insert(partition, now_ms.saturating_add(every_ms));
+            return Ok(Some(Work::Timer(Timer {
+                key: SWEEP_TIMER.to_owned(),
+                due_at: DateTime::from_timestamp_millis(now_ms).unwrap_or_default(),
+                payload: serde_json::Value::Null,
+                partition,
+            })));
+        }
         let Some(state) = self.partitions.get(&partition) else { return Ok(None) };
         let Some((due_ms, key)) = state.first_due_timer(now_ms) else { return Ok(None) };
         let Some(stored) = state.get::<StoredTimer>(TIMER_STORE, &key)? else { return Ok(None) };
@@ -646,7 +676,7 @@ async fn attempt_timer<P: Processor>(
     // time included: more work is due at once), it is gone.
     let scheduled_again = staged.touched_timer(&timer.key)
         && staged.scheduled(&timer.key).map_err(|e| Failure::at("timer")(e.into()))?.is_some();
-    if !scheduled_again {
+    if !scheduled_again && timer.key != SWEEP_TIMER {
         staged.cancel(&timer.key);
     }
     let outputs = encode_outputs(codec, declared, outputs).await?;

@@ -48,7 +48,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub use clock::Clock;
 pub use config::{ServiceConfig, ServiceSection};
-pub use processor::{Context, ErrorDomain, Input, Output, ProcessError, Processor, Timer};
+pub use processor::{Context, ErrorDomain, Input, Output, ProcessError, Processor, SWEEP_TIMER, Timer};
 pub use service::{BuildContext, Service};
 pub use state::{Store, StoredValue};
 pub use stream::{StreamRuntime, StreamSettings};

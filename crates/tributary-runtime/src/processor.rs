@@ -423,6 +423,10 @@ impl<'a> Context<'a> {
     }
 }
 
+/// The key of the periodic sweep handed to [`Processor::on_timer`] (see
+/// [`Processor::sweep_every`]).
+pub const SWEEP_TIMER: &str = "tributary.sweep";
+
 /// A service's logic.
 pub trait Processor: Send + Sync + 'static {
     /// What it reads.
@@ -436,6 +440,17 @@ pub trait Processor: Send + Sync + 'static {
     /// The topics it writes (the runtime creates them; emitting to any other is a bug that
     /// stops the partition).
     fn outputs(&self) -> Vec<&'static str>;
+
+    /// How often to sweep each partition: [`on_timer`](Self::on_timer) gets the timer
+    /// [`SWEEP_TIMER`] on every partition the instance holds, once soon after the partition is
+    /// assigned (or the instance starts) and then every `sweep_every` on the runtime's clock, even
+    /// when no record arrives on it: for work no record of the partition triggers (master data
+    /// that changed, schedules derived from a reference table). Nothing is stored for it; a
+    /// clock moved far ahead runs one sweep, not one per period missed. `None` (the default):
+    /// no sweep.
+    fn sweep_every(&self) -> Option<Duration> {
+        None
+    }
 
     /// The idempotency key of an input: by default `source` and `event_id` of its envelope.
     /// `None` processes the input without a duplicate check.

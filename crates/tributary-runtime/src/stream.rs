@@ -690,6 +690,7 @@ impl<P: Processor> StreamRuntime<P> {
         }
         self.engine.partitions.remove(&partition);
         self.engine.view.remove(partition);
+        self.engine.forget_sweep(partition);
         self.backlog.remove(&partition);
         self.held.remove(&partition);
     }

@@ -218,8 +218,16 @@ impl DriverBuilder {
             backoff: Backoff::Ceiling,
         };
         let codec = in_memory_codec();
+        let mut engine = Engine::new(processor, settings, codec.clone(), clock, metrics);
+        if engine.processor.sweep_every().is_some() {
+            // Every partition is swept, whether a record ever reaches it or not.
+            for partition in 0..self.partitions {
+                let state = engine.partition(partition);
+                engine.view.insert(state);
+            }
+        }
         TestDriver {
-            engine: Engine::new(processor, settings, codec.clone(), clock, metrics),
+            engine,
             codec,
             registry,
             partitions: self.partitions,
@@ -491,7 +499,10 @@ impl<P: Processor> TestDriver<P> {
                 .iter()
                 .filter(|(partition, _)| idle(partition))
                 .filter_map(|(partition, state)| {
-                    state.first_due_timer(now.timestamp_millis()).map(|(due, _)| (due, *partition))
+                    let now_ms = now.timestamp_millis();
+                    let timer = state.first_due_timer(now_ms).map(|(due, _)| due);
+                    let sweep = self.engine.sweep_due(*partition, now_ms).filter(|due| *due <= now_ms);
+                    timer.into_iter().chain(sweep).min().map(|due| (due, *partition))
                 })
                 .min();
             match (ended, timer) {

@@ -4,8 +4,8 @@
 //! service, its partitions are assigned and their state is restored. The runtime owns the
 //! transitions; the admin server only reads them.
 
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Shared health flags. Cloning shares the same flags.
 #[derive(Debug, Clone, Default)]
