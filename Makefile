@@ -64,3 +64,4 @@ bench: ## Benchmarks (codec, then the runtime and the services against the local
 	$(WITH_STACK) cargo bench -p tributary-tests --bench erp_poster
 	$(WITH_STACK) cargo bench -p tributary-tests --bench webhooks
 	$(WITH_STACK) cargo bench -p tributary-tests --bench entitlement_watcher
+	cargo bench -p tributary-tests --bench renewal_notifier

@@ -536,3 +536,49 @@ async fn state_written_by_an_older_struct_is_read_after_an_upgrade_and_never_dea
     assert_eq!(driver.pipe(event("acct-1", "ok")).await, Outcome::Stopped("state".into()));
     assert!(driver.dead_letters().is_empty());
 }
+
+/// A processor that only sweeps: it records which partition was swept when.
+#[derive(Debug, Default)]
+struct Sweeper {
+    swept: Mutex<Vec<(i32, DateTime<Utc>)>>,
+}
+
+impl Processor for Sweeper {
+    type Input = UsageEvent;
+
+    fn outputs(&self) -> Vec<&'static str> {
+        vec![]
+    }
+
+    fn sweep_every(&self) -> Option<Duration> {
+        Some(Duration::from_secs(3600))
+    }
+
+    async fn process(&self, _: &mut Context<'_>, _: &UsageEvent) -> Result<(), ProcessError> {
+        Ok(())
+    }
+
+    async fn on_timer(&self, context: &mut Context<'_>, timer: &Timer) -> Result<(), ProcessError> {
+        assert_eq!(timer.key, tributary_runtime::SWEEP_TIMER);
+        self.swept.lock().unwrap().push((context.partition(), context.now()));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn every_partition_is_swept_at_start_and_every_interval_once_for_a_long_advance() {
+    let start = DateTime::parse_from_rfc3339("2026-03-01T00:00:00Z").unwrap().to_utc();
+    let mut driver = DriverBuilder::new().partitions(3).start_at(start).build(Sweeper::default());
+    driver.advance(Duration::from_secs(1)).await;
+    let swept = |driver: &TestDriver<Sweeper>| driver.processor().swept.lock().unwrap().clone();
+    let mut partitions: Vec<i32> = swept(&driver).iter().map(|(p, _)| *p).collect();
+    partitions.sort();
+    assert_eq!(partitions, vec![0, 1, 2], "every partition, though no record reached any");
+    driver.advance(Duration::from_secs(1800)).await;
+    assert_eq!(swept(&driver).len(), 3, "not again before the interval");
+    driver.advance(Duration::from_secs(1800)).await;
+    assert_eq!(swept(&driver).len(), 6, "again after an hour");
+    driver.advance(Duration::from_secs(30 * 86_400)).await;
+    assert_eq!(swept(&driver).len(), 9, "a month ahead: one sweep per partition, not 720");
+    assert!(driver.timers().is_empty(), "nothing stored for a sweep: {:?}", driver.timers());
+}

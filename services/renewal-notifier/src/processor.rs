@@ -725,7 +725,7 @@ impl RenewalProcessor {
                 }
             }
         }
-        signals.sort_by(|a, b| b.severity.cmp(&a.severity));
+        signals.sort_by_key(|signal| std::cmp::Reverse(signal.severity));
         signals
     }
 
@@ -772,7 +772,7 @@ impl RenewalProcessor {
             let text = format!("Schedule the renewal call ({milestone_days} days before renewal)");
             actions.push((RiskLevel::Low, action(ActionKind::ScheduleRenewalCall, text, Audience::CustomerSuccess)));
         }
-        actions.sort_by(|a, b| b.0.cmp(&a.0));
+        actions.sort_by_key(|(level, _)| std::cmp::Reverse(*level));
         actions.into_iter().map(|(_, a)| a).collect()
     }
 }
