@@ -17,7 +17,7 @@ use tributary_contracts::types::{
 };
 use tributary_runtime::ServiceConfig;
 use tributary_runtime::dlq::{self, ReplayFilter};
-use tributary_runtime::service::{RunningService, spawn};
+use tributary_runtime::service::RunningService;
 use tributary_tests::kafka::{Read, codec, produce, produce_keyed, producer, read_to_end, trickle};
 use tributary_tests::{Stack, eventually, stack, unique_name, workspace_binary};
 
@@ -68,13 +68,7 @@ impl Router {
     }
 
     pub(crate) async fn start_with(&self, config: ServiceConfig<Settings>) -> RunningService {
-        let service = spawn::<App>(config).await.expect("start billing-router");
-        let ready = format!("http://{}/health/ready", service.admin_addr);
-        eventually(Duration::from_secs(60), "billing-router to be ready", || async {
-            reqwest::get(&ready).await.ok().filter(|r| r.status().is_success())
-        })
-        .await;
-        service
+        tributary_tests::spawn_ready::<App>(config).await
     }
 
     pub(crate) fn topic(&self, topic: &str) -> String {

@@ -21,7 +21,7 @@ use tributary_contracts::types::{
 use tributary_outbound::EndpointSettings;
 use tributary_runtime::ServiceConfig;
 use tributary_runtime::clock::ClockMode;
-use tributary_runtime::service::{RunningService, spawn};
+use tributary_runtime::service::RunningService;
 use tributary_tests::kafka::{Read, codec, produce, produce_keyed, producer, read_to_end};
 use tributary_tests::webhook::Receiver;
 use tributary_tests::{Stack, eventually, stack, unique_name, workspace_binary};
@@ -52,13 +52,7 @@ impl Watcher {
     }
 
     async fn start(&self, config: ServiceConfig<Settings>) -> RunningService {
-        let service = spawn::<App>(config).await.expect("start entitlement-watcher");
-        let ready = format!("http://{}/health/ready", service.admin_addr);
-        eventually(Duration::from_secs(60), "entitlement-watcher to be ready", || async {
-            reqwest::get(&ready).await.ok().filter(|r| r.status().is_success())
-        })
-        .await;
-        service
+        tributary_tests::spawn_ready::<App>(config).await
     }
 
     fn topic(&self, topic: &str) -> String {

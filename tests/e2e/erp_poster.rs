@@ -22,7 +22,7 @@ use tributary_contracts::types::{ErpPosting, ErpPostingResult, PostingStatus};
 use tributary_runtime::ServiceConfig;
 use tributary_runtime::clock::ClockMode;
 use tributary_runtime::dlq;
-use tributary_runtime::service::{RunningService, spawn};
+use tributary_runtime::service::RunningService;
 use tributary_tests::kafka::{Read, codec, produce, producer, read_to_end, trickle};
 use tributary_tests::{Stack, eventually, stack, unique_name, workspace_binary};
 
@@ -72,13 +72,7 @@ impl Poster {
     }
 
     async fn start(&self, config: ServiceConfig<Settings>) -> RunningService {
-        let service = spawn::<App>(config).await.expect("start erp-poster");
-        let ready = format!("http://{}/health/ready", service.admin_addr);
-        eventually(Duration::from_secs(60), "erp-poster to be ready", || async {
-            reqwest::get(&ready).await.ok().filter(|r| r.status().is_success())
-        })
-        .await;
-        service
+        tributary_tests::spawn_ready::<App>(config).await
     }
 
     fn topic(&self, topic: &str) -> String {

@@ -103,11 +103,7 @@ impl Ingest {
         if let Some(http) = service.address("http") {
             *self.http.lock().expect("address lock") = http;
         }
-        let ready = format!("http://{}/health/ready", service.admin_addr);
-        eventually(Duration::from_secs(60), "usage-ingest to be ready", || async {
-            reqwest::get(&ready).await.ok().filter(|r| r.status().is_success())
-        })
-        .await;
+        tributary_tests::wait_ready(&service, "usage-ingest").await;
         service
     }
 

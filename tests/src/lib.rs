@@ -192,3 +192,24 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Starts service `S` in this process with `config` and waits (a minute at most) until its
+/// admin port reports it ready: partitions assigned, state restored, its relays too.
+pub async fn spawn_ready<S: tributary_runtime::Service>(
+    config: tributary_runtime::ServiceConfig<S::Settings>,
+) -> tributary_runtime::service::RunningService {
+    let service = tributary_runtime::service::spawn::<S>(config)
+        .await
+        .unwrap_or_else(|error| panic!("starting {}: {error:#}", S::NAME));
+    wait_ready(&service, S::NAME).await;
+    service
+}
+
+/// Waits (a minute at most) until `service`'s admin port reports it ready.
+pub async fn wait_ready(service: &tributary_runtime::service::RunningService, name: &str) {
+    let ready = format!("http://{}/health/ready", service.admin_addr);
+    eventually(Duration::from_secs(60), &format!("{name} to be ready"), || async {
+        reqwest::get(&ready).await.ok().filter(|r| r.status().is_success())
+    })
+    .await;
+}
