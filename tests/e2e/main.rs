@@ -9,6 +9,7 @@ mod renewal_notifier;
 mod runtime;
 mod schema_registry;
 mod service_shape;
+mod trace;
 mod tryton_erp;
 mod usage_ingest;
 mod webhooks;

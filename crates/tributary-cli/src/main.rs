@@ -6,6 +6,7 @@
 //! - `dlq list | show | replay`: dead-letter inspection and replay ([`dlq`]).
 //! - `clock show | advance | set`: the controlled clock of a deployment ([`clock`]).
 //! - `entitlement override`: an operator's override of an account's entitlement ([`entitlement`]).
+//! - `trace <correlation-id>`: one story across every topic, in time order ([`trace`]).
 //!
 //! Kafka and registry settings come from the same `TRIBUTARY__KAFKA__…` and
 //! `TRIBUTARY__REGISTRY__…` variables as the services, or from the flags.
@@ -16,6 +17,7 @@ mod entitlement;
 mod publish;
 mod schemas;
 mod tap;
+mod trace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +60,8 @@ enum Command {
     /// Entitlements: an operator's override of an account's state (with who and why).
     #[command(subcommand)]
     Entitlement(entitlement::EntitlementCommand),
+    /// Every record of one correlation id, across every Tributary topic, in time order.
+    Trace(trace::TraceArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,6 +124,7 @@ async fn main() -> ExitCode {
             Command::Dlq(command) => dlq::run(&connections(&cli)?, command).await,
             Command::Clock(command) => clock::run(&connections(&cli)?, command).await,
             Command::Entitlement(command) => entitlement::run(&connections(&cli)?, command).await,
+            Command::Trace(args) => trace::run(&connections(&cli)?, args).await,
         }
     }
     .await;
