@@ -13,8 +13,9 @@
 //!   and a severity-1 case of a suspended ENTERPRISE account is flagged for escalation.
 //! - `entitlement.overrides`: an operator's MANUAL transition, with who and why.
 //! - the grace timer `grace/<account>`, due when grace ends: `grace_expired`.
-//! - the closure check `closures`, one per partition: `contract_ended` / `customer_closed` for
-//!   the accounts whose contract ended or whose customer was closed in the master data.
+//! - the partition sweep (the runtime's [`SWEEP_TIMER`], every `closure_check_every`):
+//!   `contract_ended` / `customer_closed` for the accounts whose contract ended or whose
+//!   customer was closed in the master data.
 //!
 //! Every transition writes `entitlement.changes` (from, to, reason, effective time, what is
 //! overdue), brings the account's support flags in line with its state (`support.account-flags`:
@@ -45,7 +46,7 @@ use tributary_contracts::types::{
     TransitionReason,
 };
 use tributary_runtime::table::ReferenceTable;
-use tributary_runtime::{Context, Output, ProcessError, Processor, Store, StoredValue, Timer};
+use tributary_runtime::{Context, Output, ProcessError, Processor, SWEEP_TIMER, Store, StoredValue, Timer};
 
 use crate::settings::{Settings, Trigger};
 
@@ -69,7 +70,6 @@ tributary_runtime::input_enum! {
 /// Every account's entitlement, by account id.
 pub const ACCOUNTS: Store<AccountEntitlement> = Store::new("accounts");
 const GRACE_TIMER_PREFIX: &str = "grace/";
-const CLOSURE_TIMER: &str = "closures";
 /// Settled invoices remembered per account (to ignore their late, older failures).
 const SETTLED_KEPT: usize = 64;
 
@@ -314,8 +314,12 @@ impl Processor for EntitlementProcessor {
         vec![topics::ENTITLEMENT_CHANGES, topics::SUPPORT_ACCOUNT_FLAGS, topics::CRM_ACCOUNT_UPDATES]
     }
 
+    /// The closure check: master data does not arrive on the account's partition.
+    fn sweep_every(&self) -> Option<std::time::Duration> {
+        Some(self.settings.closure_check_every)
+    }
+
     async fn process(&self, context: &mut Context<'_>, input: &WatcherInput) -> Result<(), ProcessError> {
-        self.ensure_closure_check(context)?;
         match input {
             WatcherInput::Payment(payment) => self.on_payment(context, payment),
             WatcherInput::Invoice(invoice) => self.on_invoice(context, invoice),
@@ -328,7 +332,7 @@ impl Processor for EntitlementProcessor {
         if let Some(account) = timer.key.strip_prefix(GRACE_TIMER_PREFIX) {
             return self.on_grace_end(context, account, timer);
         }
-        if timer.key == CLOSURE_TIMER {
+        if timer.key == SWEEP_TIMER {
             return self.check_closures(context);
         }
         tracing::warn!(timer = timer.key, "unknown timer dropped");
@@ -598,15 +602,6 @@ impl EntitlementProcessor {
         Ok(())
     }
 
-    /// The closure check's timer, kept scheduled on every partition that has seen a record.
-    fn ensure_closure_check(&self, context: &mut Context<'_>) -> Result<(), ProcessError> {
-        if context.scheduled(CLOSURE_TIMER)?.is_none() {
-            let due = context.now() + self.settings.closure_check_every;
-            context.schedule(CLOSURE_TIMER, due, serde_json::Value::Null)?;
-        }
-        Ok(())
-    }
-
     /// Closes the partition's accounts whose contract ended or whose customer was closed.
     fn check_closures(&self, context: &mut Context<'_>) -> Result<(), ProcessError> {
         let now = context.now();
@@ -638,7 +633,6 @@ impl EntitlementProcessor {
                 context.put(ACCOUNTS, &account_id, &account)?;
             }
         }
-        context.schedule(CLOSURE_TIMER, now + self.settings.closure_check_every, serde_json::Value::Null)?;
         Ok(())
     }
 
