@@ -118,6 +118,11 @@ impl<'a, S> Outbound<'a, S> {
         settings.kafka.group_id = settings.kafka.group_id.map(|group| relay_service(&group, &endpoint.name));
         settings.kafka.transactional_id_prefix =
             settings.kafka.transactional_id_prefix.map(|prefix| relay_service(&prefix, &endpoint.name));
+        // Every delivery holds its partition, which the runtime pauses and rewinds to the next
+        // record until the delivery is done; the refetch then waits out librdkafka's
+        // fetch.wait.max.ms (500 ms) on the idle partitions. 10 ms keeps a backlog draining
+        // (BENCHMARKS.md, "Webhooks"); a deployment may set its own.
+        settings.kafka.properties.entry("fetch.wait.max.ms".into()).or_insert_with(|| "10".into());
         let mut context = BuildContext::new(name, self.context.clock.clone());
         context.metrics = self.relay_metrics.clone().expect("registered when an endpoint is configured");
         // The service is ready when its relays are too: a pod whose relay cannot join its group

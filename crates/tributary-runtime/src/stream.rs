@@ -61,10 +61,12 @@ const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Most timers one partition fires in one turn of the loop, so that a handler that keeps
 /// rescheduling itself into the past cannot hold the loop.
 const MAX_TIMERS_PER_TURN: usize = 1_000;
-/// Records kept per busy partition before its topics are paused and rewound: enough for a
-/// partition whose attempts wait on I/O (an ERP call, a webhook) never to fetch a record twice
-/// at the usual fetch sizes, little enough to bound memory (records are at most a few KiB).
-const MAX_BACKLOG: usize = 2_000;
+/// Records kept per busy partition before its topics are paused and rewound. 0 for now: with
+/// 2,000, the e2e test that SIGTERMs billing-router after a series of SIGKILLs saw the process
+/// miss its shutdown grace in 1 run of 3 (BENCHMARKS.md, "Webhooks"), cause not found yet; until
+/// it is, a busy partition is paused and rewound at once, as before, and the webhook relays
+/// shorten their fetch wait instead (tributary-outbound).
+const MAX_BACKLOG: usize = 0;
 /// Longest the shutdown waits for attempts in flight before it aborts them (their records are
 /// not committed, so the next owner takes them again); half the grace, so that the commit and
 /// the goodbye to the group still fit.
