@@ -345,8 +345,12 @@ async fn each_posting_request_is_written_exactly_once_while_the_binary_is_killed
             .env("TRIBUTARY__KAFKA__TRANSACTIONAL_ID_PREFIX", &world.group)
             .env("TRIBUTARY__RUNTIME__INSTANCE_ID", "crashy")
             .env("TRIBUTARY__ADMIN__LISTEN", "127.0.0.1:0")
-            .env("TRIBUTARY__LOG__FILTER", "warn")
-            .stdout(std::process::Stdio::null())
+            .env("TRIBUTARY__LOG__FILTER", std::env::var("BR_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(if std::env::var_os("BR_LOG").is_some() {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::null()
+            })
             .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true)
             .spawn()

@@ -61,11 +61,11 @@ const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Most timers one partition fires in one turn of the loop, so that a handler that keeps
 /// rescheduling itself into the past cannot hold the loop.
 const MAX_TIMERS_PER_TURN: usize = 1_000;
-/// Records kept per busy partition before its topics are paused and rewound. 0 for now: with
-/// 2,000, the e2e test that SIGTERMs billing-router after a series of SIGKILLs saw the process
-/// miss its shutdown grace in 1 run of 3 (BENCHMARKS.md, "Webhooks"), cause not found yet; until
-/// it is, a busy partition is paused and rewound at once, as before, and the webhook relays
-/// shorten their fetch wait instead (tributary-outbound).
+/// Records kept per busy partition before its topics are paused and rewound. 0 for now (a busy
+/// partition is paused and rewound at once, and the webhook relays shorten their fetch wait
+/// instead, see tributary-outbound): it was switched off while a shutdown hang it was suspected
+/// of was looked into; the hang was elsewhere (a SIGTERM while the tables loaded, see
+/// `subscribe_and_loop`), and 2,000 (BENCHMARKS.md, "Webhooks") waits for a CI run of its own.
 const MAX_BACKLOG: usize = 0;
 /// Longest the shutdown waits for attempts in flight before it aborts them (their records are
 /// not committed, so the next owner takes them again); half the grace, so that the commit and
@@ -209,8 +209,6 @@ impl<P: Processor> StreamRuntime<P> {
             .set("session.timeout.ms", kafka.properties.get("session.timeout.ms").map_or("10000", String::as_str))
             .create_with_context(consumer_context)
             .context("creating the consumer")?;
-        let subscription: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        consumer.subscribe(&subscription).context("subscribing")?;
         tracing::info!(service, group, ?inputs, "stream runtime ready to consume");
 
         Ok(Self {
@@ -260,7 +258,7 @@ impl<P: Processor> StreamRuntime<P> {
         let outcome = tokio::select! {
             () = shutdown.cancelled() => Ok(()),
             Some(stopped) = followers.join_next() => Err(table_stopped(stopped)),
-            () = ready => self.run_loop(&shutdown, &mut followers).await,
+            () = ready => self.subscribe_and_loop(&shutdown, &mut followers).await,
         };
         tables_stop.cancel();
         while let Some(stopped) = followers.join_next().await {
@@ -269,6 +267,20 @@ impl<P: Processor> StreamRuntime<P> {
             }
         }
         outcome
+    }
+
+    /// Joins the group only now that the tables have caught up: a consumer that joined and was
+    /// never polled (a SIGTERM while the tables load) blocks its close until the group's
+    /// rebalance times out, far beyond the shutdown grace.
+    async fn subscribe_and_loop(
+        &mut self,
+        shutdown: &CancellationToken,
+        followers: &mut JoinSet<anyhow::Result<()>>,
+    ) -> anyhow::Result<()> {
+        let inputs = self.engine.input_topics();
+        let subscription: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        self.consumer.subscribe(&subscription).context("subscribing")?;
+        self.run_loop(shutdown, followers).await
     }
 
     async fn follow_tables(&self, stop: &CancellationToken) -> anyhow::Result<JoinSet<anyhow::Result<()>>> {
