@@ -44,6 +44,31 @@ impl Envelope {
         }
     }
 
+    /// The envelope of a record that a schedule caused (a timer: a grace period ended, a renewal
+    /// milestone came): it starts a flow of its own (its correlation id is its event id, it has
+    /// no causation id), and its event id is derived from `seed` and `discriminator`, so that a
+    /// timer fired twice writes the same ids.
+    pub fn scheduled(
+        source: &str,
+        account_id: &str,
+        seed: &str,
+        discriminator: &str,
+        occurred_at: DateTime<Utc>,
+    ) -> Self {
+        let origin = Envelope {
+            event_id: seed.to_owned(),
+            occurred_at: occurred_at.timestamp_millis(),
+            correlation_id: String::new(),
+            causation_id: None,
+            source: source.to_owned(),
+            account_id: account_id.to_owned(),
+        };
+        let mut envelope = Self::caused_by(&origin, source, discriminator, occurred_at);
+        envelope.correlation_id = envelope.event_id.clone();
+        envelope.causation_id = None;
+        envelope
+    }
+
     /// `occurred_at` as a UTC time (the epoch if out of range, which no valid record is).
     pub fn occurred_at_utc(&self) -> DateTime<Utc> {
         Utc.timestamp_millis_opt(self.occurred_at).single().unwrap_or_default()

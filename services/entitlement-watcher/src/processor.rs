@@ -930,21 +930,9 @@ impl EntitlementProcessor {
     fn envelope(&self, cause: &Cause<'_>, account_id: &str, discriminator: &str, now: DateTime<Utc>) -> Envelope {
         match cause.envelope {
             Some(envelope) => Envelope::caused_by(envelope, SOURCE, discriminator, now),
+            // A timer's record: its ids derived from the account and the transition.
             None => {
-                // A timer-driven record starts no flow of its own; its id is derived from the
-                // account and the transition, so that a timer fired twice writes the same ids.
-                let seed = Envelope {
-                    event_id: format!("{account_id}/{discriminator}"),
-                    occurred_at: now.timestamp_millis(),
-                    correlation_id: String::new(),
-                    causation_id: None,
-                    source: SOURCE.into(),
-                    account_id: account_id.to_owned(),
-                };
-                let mut envelope = Envelope::caused_by(&seed, SOURCE, discriminator, now);
-                envelope.correlation_id = envelope.event_id.clone();
-                envelope.causation_id = None;
-                envelope
+                Envelope::scheduled(SOURCE, account_id, &format!("{account_id}/{discriminator}"), discriminator, now)
             }
         }
     }

@@ -529,22 +529,8 @@ impl RenewalProcessor {
         let discriminator = format!("renewal/{}/{}/{}", contract.contract_id, contract.renewal_date, milestone_days);
         let envelope = match caused_by {
             Some((cause, key)) => Envelope::caused_by(cause, SOURCE, &format!("{discriminator}/{key}"), now),
-            None => {
-                // A milestone starts a flow of its own; its id is derived from what it is for, so
-                // that a timer fired twice writes the same id.
-                let seed = Envelope {
-                    event_id: discriminator.clone(),
-                    occurred_at: now.timestamp_millis(),
-                    correlation_id: String::new(),
-                    causation_id: None,
-                    source: SOURCE.into(),
-                    account_id: contract.envelope.account_id.clone(),
-                };
-                let mut envelope = Envelope::caused_by(&seed, SOURCE, &discriminator, now);
-                envelope.correlation_id = envelope.event_id.clone();
-                envelope.causation_id = None;
-                envelope
-            }
+            // A milestone's record: its ids derived from what it is for.
+            None => Envelope::scheduled(SOURCE, &contract.envelope.account_id, &discriminator, &discriminator, now),
         };
         let actions = self.actions(&signals, contract, milestone_days);
         RenewalNotification {
