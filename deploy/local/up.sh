@@ -81,6 +81,11 @@ num.partitions=3
 # Tests join groups constantly; the default 3 s wait for more members only slows them down.
 group.initial.rebalance.delay.ms=0
 
+# Every partition's offset and time indexes are created at their full size (10 MiB each by
+# default): sparse on most file systems, but not on all, and the tests create thousands of
+# partitions. 1 MiB still indexes 512 MiB of log per segment, more than a test ever writes.
+log.index.size.max.bytes=1048576
+
 # Sized for a 2-core development machine.
 num.network.threads=2
 num.io.threads=4

@@ -487,7 +487,7 @@ async fn every_http_error_path_answers_as_specified() {
     let rejected = body["rejected"].as_array().expect("a reason per refused event");
     let reasons: Vec<(u64, &str)> =
         rejected.iter().map(|r| (r["index"].as_u64().unwrap(), r["field"].as_str().unwrap())).collect();
-    assert_eq!(reasons, vec![(1, "time"), (2, "data.tokens"), (3, "type"), (4, "event")], "{body}");
+    assert_eq!(reasons, vec![(1, "time"), (2, "data.tokens"), (3, "type"), (4, "id")], "{body}");
     assert!(rejected.iter().all(|r| !r["reason"].as_str().unwrap().is_empty()));
 
     let (status, body) =
@@ -797,4 +797,164 @@ unit = "call"
     for (id, sequences) in revisions {
         assert_eq!(sequences, (1..=sequences.len() as i64).collect::<Vec<_>>(), "{id:?}: revisions 1..n, none doubled");
     }
+}
+
+/// One event for cloudevents_client.py: the SDK sets `specversion` and `time` (now).
+fn sdk_event(id: &str, account: &str, tokens: Value, extra: Value) -> Value {
+    let mut attributes = json!({"id": id, "source": SOURCE, "type": "llm.completion", "subject": account});
+    attributes.as_object_mut().unwrap().extend(extra.as_object().cloned().unwrap_or_default());
+    json!({"attributes": attributes, "data": {"tokens": tokens, "model": "small"}})
+}
+
+/// An RFC 9457 problem details answer of `status`, naming `field` first among the refused.
+fn assert_problem(answer: &tributary_tests::cloudevents::Answer, status: u16, field: &str) {
+    let body = &answer.body;
+    assert_eq!(answer.status, status, "{body}");
+    assert_eq!(answer.content_type, "application/problem+json", "{body}");
+    assert_eq!((body["type"].as_str(), body["status"].as_u64()), (Some("about:blank"), Some(u64::from(status))));
+    assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()), "a title: {body}");
+    assert!(body["detail"].as_str().is_some_and(|t| !t.is_empty()), "a detail: {body}");
+    assert!(body["instance"].as_str().is_some_and(|i| i.starts_with("urn:uuid:")), "an instance: {body}");
+    assert_eq!(body["rejected"][0]["field"].as_str(), Some(field), "the refused field: {body}");
+    assert!(body["rejected"][0]["reason"].as_str().is_some_and(|r| !r.is_empty()), "a reason: {body}");
+}
+
+#[tokio::test]
+async fn the_cloudevents_sdk_is_heard_in_binary_structured_and_batch_mode_once_each_also_when_sent_twice() {
+    let world = Ingest::new();
+    let service = world.start().await;
+    let url = format!("http://{}/v1/events", world.http_address());
+    let account = "acct-sdk";
+    let accepted = json!([
+        {"mode": "binary", "events": [sdk_event("bin-1", account, json!(3), json!({}))]},
+        {"mode": "structured", "events": [sdk_event("str-1", account, json!(5), json!({"datacontenttype": "application/json"}))]},
+        {"mode": "batch", "events": [
+            sdk_event("bat-1", account, json!(7), json!({"datacontenttype": "application/json"})),
+            sdk_event("bat-2", account, json!(11), json!({"datacontenttype": "application/json"})),
+        ]},
+    ]);
+    let mut twice = accepted.as_array().unwrap().clone();
+    twice.extend(accepted.as_array().unwrap().clone());
+    let answers = tributary_tests::cloudevents::send(&url, API_KEY, Value::Array(twice)).await;
+    let ids: Vec<(u16, Value)> = answers.iter().map(|a| (a.status, a.body["accepted"].clone())).collect();
+    let first = vec![(202, json!(["bin-1"])), (202, json!(["str-1"])), (202, json!(["bat-1", "bat-2"]))];
+    assert_eq!(ids, [first.clone(), first].concat(), "every mode is accepted, also the second time");
+
+    let refused = tributary_tests::cloudevents::send(
+        &url,
+        API_KEY,
+        json!([
+            {"mode": "binary", "events": [sdk_event("no-id", account, json!(1), json!({}))], "drop": ["ce-id"]},
+            {"mode": "binary", "events": [sdk_event("negative", account, json!(1), json!({"quantity": "-3"}))]},
+            {"mode": "binary", "events": [sdk_event("not-json", account, json!(1), json!({"datacontenttype": "application/json"}))],
+             "body": "tokens=1"},
+            {"mode": "binary", "events": [{"attributes": {"id": "text", "source": SOURCE, "type": "llm.completion",
+             "subject": account, "datacontenttype": "text/plain"}, "data": "one token"}]},
+            {"mode": "structured", "events": [sdk_event("plain", account, json!(-1), json!({}))],
+             "headers": {"Accept": "application/json"}},
+        ]),
+    )
+    .await;
+    assert_problem(&refused[0], 400, "id");
+    assert_problem(&refused[1], 400, "quantity");
+    assert_problem(&refused[2], 400, "data");
+    assert_problem(&refused[3], 400, "datacontenttype");
+    let plain = &refused[4];
+    assert_eq!((plain.status, plain.content_type.as_str()), (400, "application/json"), "{}", plain.body);
+    assert!(plain.body["error"].as_str().is_some(), "the earlier shape for Accept: application/json: {}", plain.body);
+    assert_eq!(plain.body["rejected"][0]["field"], "data.tokens", "{}", plain.body);
+
+    // A last event after every repeat, on the same partition (one account): a total of exactly
+    // 3 + 5 + 7 + 11 + 1 proves that the repeats counted nothing and the refused wrote nothing.
+    let last = tributary_tests::cloudevents::send(
+        &url,
+        API_KEY,
+        json!([{"mode": "binary", "events": [sdk_event("last", account, json!(1), json!({}))]}]),
+    )
+    .await;
+    assert_eq!(last[0].status, 202, "{}", last[0].body);
+    world.wait_for_period_total(account, "tokens", 27).await;
+    service.stop().await.expect("clean stop");
+    let written: BTreeSet<String> = world.read::<UsageEvent>().await.into_iter().map(|e| e.id).collect();
+    assert_eq!(written, BTreeSet::from(["bin-1", "str-1", "bat-1", "bat-2", "last"].map(String::from)));
+}
+
+#[tokio::test]
+async fn a_request_continues_the_callers_trace_through_its_server_span_to_the_record_span() {
+    use tributary_tests::otlp::{OtlpReceiver, ReceivedSpan, SPAN_KIND_SERVER};
+
+    let world = Ingest::new();
+    let receiver = OtlpReceiver::start().await;
+    let addresses = tempfile::tempdir().unwrap();
+    let addresses_file = addresses.path().join("addresses.json");
+    let mut child = tokio::process::Command::new(workspace_binary("usage-ingest"))
+        .envs(world.stack.service_env())
+        .arg("--addresses-file")
+        .arg(&addresses_file)
+        .env("TRIBUTARY_CONFIG", tributary_tests::workspace_file("deploy/config/usage-ingest.toml"))
+        .env("TRIBUTARY__KAFKA__TOPIC_PREFIX", &world.prefix)
+        .env("TRIBUTARY__KAFKA__GROUP_ID", &world.group)
+        .env("TRIBUTARY__KAFKA__TRANSACTIONAL_ID_PREFIX", &world.group)
+        .env("TRIBUTARY__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("TRIBUTARY__USAGE_INGEST__HTTP__LISTEN", "127.0.0.1:0")
+        .env("TRIBUTARY__LOG__FILTER", "warn")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint)
+        // Export spans every 100 ms rather than every 5 s, so the test waits less.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start usage-ingest");
+    let bound: Value = eventually(Duration::from_secs(60), "the addresses file", || async {
+        std::fs::read(&addresses_file).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok())
+    })
+    .await;
+    let admin = format!("http://{}", bound["admin"].as_str().expect("the admin address"));
+    let url = format!("http://{}/v1/events", bound["http"].as_str().expect("the HTTP address"));
+    eventually(Duration::from_secs(60), "usage-ingest to report ready", || async {
+        let ready = reqwest::get(format!("{admin}/health/ready")).await.ok()?;
+        ready.status().is_success().then_some(())
+    })
+    .await;
+
+    // The caller's trace in the W3C header (binary mode), and in the CloudEvents distributed
+    // tracing extension of an event whose request has no header (structured mode).
+    let (header_trace, header_parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let (event_trace, event_parent) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let answers = tributary_tests::cloudevents::send(
+        &url,
+        "tributary-local-dev-key",
+        json!([
+            {"mode": "binary", "events": [sdk_event("traced-1", "acct-traced", json!(2), json!({}))],
+             "headers": {"traceparent": format!("00-{header_trace}-{header_parent}-01")}},
+            {"mode": "structured", "events": [sdk_event("traced-2", "acct-traced", json!(2),
+             json!({"traceparent": format!("00-{event_trace}-{event_parent}-01")}))]},
+        ]),
+    )
+    .await;
+    assert!(answers.iter().all(|a| a.status == 202), "{answers:?}");
+
+    for (trace_id, caller) in [(header_trace, header_parent), (event_trace, event_parent)] {
+        let (request, record) = eventually(
+            Duration::from_secs(60),
+            &format!("the request span and the record span in trace {trace_id}"),
+            || async {
+                let spans = receiver.spans();
+                let request: ReceivedSpan = spans
+                    .iter()
+                    .find(|s| s.trace_id == trace_id && s.kind == SPAN_KIND_SERVER && s.parent_span_id == caller)?
+                    .clone();
+                let record = spans.iter().find(|s| s.name == "record" && s.parent_span_id == request.span_id)?.clone();
+                Some((request, record))
+            },
+        )
+        .await;
+        assert_eq!(request.service, NAME);
+        assert_eq!(request.name, "POST /v1/events");
+        assert_eq!(request.attribute("http.response.status_code"), Some("202"), "{request:?}");
+        assert_eq!(record.trace_id, trace_id, "the record span is in the caller's trace: {record:?}");
+        assert_eq!(record.attribute("topic"), Some(topics::USAGE_EVENTS), "{record:?}");
+    }
+    child.start_kill().expect("stop usage-ingest");
 }

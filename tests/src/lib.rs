@@ -5,8 +5,10 @@
 //! that every component answers and fails with instructions otherwise: a test that needs the
 //! stack never skips silently.
 
+pub mod cloudevents;
 pub mod echo;
 pub mod kafka;
+pub mod otlp;
 pub mod webhook;
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -175,6 +177,27 @@ pub async fn start_stack() {
 /// The path of `relative` in the workspace (configuration files the tests share with the demo).
 pub fn workspace_file(relative: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root").join(relative)
+}
+
+/// The venv's python (tests/python/setup.sh), made once per test process.
+pub fn python() -> &'static str {
+    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let setup = std::process::Command::new(workspace_file("tests/python/setup.sh"))
+            .output()
+            .expect("run tests/python/setup.sh");
+        assert!(
+            setup.status.success(),
+            "setting up the Python venv failed:\n{}",
+            String::from_utf8_lossy(&setup.stderr)
+        );
+        String::from_utf8_lossy(&setup.stdout)
+            .lines()
+            .last()
+            .expect("setup.sh prints the python path")
+            .trim()
+            .to_owned()
+    })
 }
 
 /// Polls `check` every 100 ms until it returns `Some` or `timeout` passes.

@@ -6,28 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value as Json;
 
-use crate::{eventually, unique_name, workspace_file};
-
-/// The venv's python (tests/python/setup.sh), made once per test process.
-fn python() -> &'static str {
-    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let setup = std::process::Command::new(workspace_file("tests/python/setup.sh"))
-            .output()
-            .expect("run tests/python/setup.sh");
-        assert!(
-            setup.status.success(),
-            "setting up the Python venv failed:\n{}",
-            String::from_utf8_lossy(&setup.stderr)
-        );
-        String::from_utf8_lossy(&setup.stdout)
-            .lines()
-            .last()
-            .expect("setup.sh prints the python path")
-            .trim()
-            .to_owned()
-    })
-}
+use crate::{eventually, python, unique_name, workspace_file};
 
 /// A delivery the receiver verified.
 #[derive(Debug, Clone)]

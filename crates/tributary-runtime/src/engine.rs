@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::propagation::Extractor;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument as _;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tributary_contracts::codec::{Codec, Location};
 use tributary_contracts::headers;
 use tributary_telemetry::ServiceMetrics;
@@ -587,8 +586,7 @@ fn record_span(record: &Record, logical: &str, header_map: &BTreeMap<String, Str
         offset = record.offset,
         correlation_id = header_map.get(headers::CORRELATION_ID).map(String::as_str).unwrap_or_default(),
     );
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(header_map)));
-    let _ = span.set_parent(parent);
+    tributary_telemetry::trace::continue_trace(&span, &HeaderExtractor(header_map));
     span
 }
 
@@ -751,7 +749,7 @@ async fn encode_outputs(
     declared: &HashSet<&'static str>,
     outputs: Vec<Output>,
 ) -> Result<Vec<EncodedOutput>, Failure> {
-    let trace = trace_headers();
+    let trace = tributary_telemetry::trace::trace_headers(&tracing::Span::current());
     let mut encoded = Vec::with_capacity(outputs.len());
     for output in outputs {
         if !declared.contains(output.topic) {
@@ -783,22 +781,6 @@ async fn encode_outputs(
         encoded.push(EncodedOutput { topic: output.topic, key: output.key, payload, headers });
     }
     Ok(encoded)
-}
-
-/// The current span's trace context as `traceparent`/`tracestate` headers.
-fn trace_headers() -> Vec<(String, String)> {
-    let context = tracing::Span::current().context();
-    let mut carrier = HeaderInjector(Vec::new());
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut carrier));
-    carrier.0
-}
-
-struct HeaderInjector(Vec<(String, String)>);
-
-impl Injector for HeaderInjector {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.push((key.to_owned(), value));
-    }
 }
 
 struct HeaderExtractor<'a>(&'a BTreeMap<String, String>);

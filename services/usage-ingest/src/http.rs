@@ -1,14 +1,16 @@
 //! `POST /v1/events`: CloudEvents over HTTP for platforms that cannot write to Kafka.
 //!
-//! The body is one CloudEvent (`application/cloudevents+json`) or a batch
-//! (`application/cloudevents-batch+json`) in the shape OpenMeter ingests, so a platform
-//! already sending to OpenMeter only changes its URL and key (`/api/v1/events` is served too).
-//! A request is all or nothing: every event is checked with the same rules as the Kafka path,
+//! Every content mode of the CloudEvents HTTP protocol binding is taken: binary (the
+//! attributes in `ce-*` headers, the data alone as the body: the SDKs' default), structured
+//! (one event, `application/cloudevents+json`) and batched (`application/cloudevents-batch+json`),
+//! in the shape OpenMeter ingests, so a platform already sending to OpenMeter only changes its
+//! URL and key (`/api/v1/events` is served too). A request is all or nothing: every event is checked with the same rules as the Kafka path,
 //! and when any is refused the answer is 400 with a reason per refused event and nothing is
 //! written, so that the sender fixes and resends the batch as it was. Accepted events are
 //! written to `usage.events` by an idempotent producer (`acks=all`) and 202 is answered only
 //! once Kafka has them; resending after a timeout is safe, since duplicates (same `source`
-//! and `id`) are counted once downstream.
+//! and `id`) are counted once downstream. Refusals are RFC 9457 problem details. Each request
+//! is a server span continuing the caller's trace, and every record written carries it on.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,12 +18,14 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use chrono::{DateTime, Utc};
 use futures::future::join_all;
+use percent_encoding::percent_decode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -29,10 +33,12 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::Instrument as _;
 use tributary_contracts::codec::Codec;
 use tributary_contracts::topics;
 use tributary_contracts::types::{Envelope, UsageEvent};
 use tributary_runtime::config::KafkaConfig;
+use tributary_telemetry::trace;
 use uuid::Uuid;
 
 use crate::meters::{Meters, Rejection, TimeBounds, quantity_from_json};
@@ -46,6 +52,9 @@ const CORRELATION_HEADER: &str = "x-correlation-id";
 
 const SINGLE: &str = "application/cloudevents+json";
 const BATCH: &str = "application/cloudevents-batch+json";
+const PROBLEM_JSON: &str = "application/problem+json";
+/// The prefix of the headers that carry a binary-mode event's attributes.
+const CE_HEADER_PREFIX: &str = "ce-";
 
 /// Request outcomes by status code.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -161,7 +170,7 @@ impl CloudEvent {
             return Err(reject("specversion", format!("{:?} is not 1.0", self.specversion)));
         }
         if let Some(content_type) = &self.datacontenttype
-            && !content_type.starts_with("application/json")
+            && !is_json(&media_type(content_type))
         {
             return Err(reject("datacontenttype", format!("{content_type:?}: only application/json data is metered")));
         }
@@ -209,11 +218,6 @@ impl CloudEvent {
     }
 }
 
-fn answer(ingress: &Ingress, status: StatusCode, body: Value) -> Response {
-    ingress.metrics.requests.get_or_create(&StatusLabels { status: status.as_u16() }).inc();
-    (status, axum::Json(body)).into_response()
-}
-
 fn authorised(ingress: &Ingress, headers: &HeaderMap) -> bool {
     let Some(presented) = headers
         .get(header::AUTHORIZATION)
@@ -228,74 +232,253 @@ fn authorised(ingress: &Ingress, headers: &HeaderMap) -> bool {
     })
 }
 
-async fn ingest(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: Bytes) -> Response {
-    if !authorised(&ingress, &headers) {
-        let mut response = answer(
-            &ingress,
-            StatusCode::UNAUTHORIZED,
-            json!({"error": "a valid API key is required (Authorization: Bearer <key>)"}),
-        );
-        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        return response;
+// --- Content modes (CloudEvents HTTP protocol binding, section 3) -----------------------------
+
+/// One event of a request as it arrived: the JSON of a CloudEvent, or an event already refused
+/// while it was read (a binary-mode event whose body is not JSON).
+enum Incoming {
+    Event(Value),
+    Refused { id: Option<String>, rejection: Rejection },
+}
+
+/// The events of a request, read as its content mode says: binary when any `ce-*` header is
+/// present (whatever the content type), else structured, batched or plain JSON by content type.
+fn read_events(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Incoming>, Problem> {
+    if headers.keys().any(|name| name.as_str().starts_with(CE_HEADER_PREFIX)) {
+        return Ok(vec![binary_event(headers, body)]);
     }
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let media_type = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    let parsed: Result<Value, _> = serde_json::from_slice(&body);
-    let events: Vec<Value> = match (media_type.as_str(), parsed) {
-        (SINGLE | BATCH | "application/json", Err(error)) => {
-            return answer(
-                &ingress,
-                StatusCode::BAD_REQUEST,
-                json!({"error": format!("the body is not JSON: {error}")}),
-            );
-        }
-        (SINGLE, Ok(event @ Value::Object(_))) => vec![event],
-        (BATCH, Ok(Value::Array(events))) => events,
-        ("application/json", Ok(Value::Array(events))) => events,
-        ("application/json", Ok(event @ Value::Object(_))) => vec![event],
-        (SINGLE, Ok(_)) => {
-            return answer(
-                &ingress,
-                StatusCode::BAD_REQUEST,
-                json!({"error": format!("{SINGLE} must be one JSON object")}),
-            );
-        }
-        (BATCH, Ok(_)) => {
-            return answer(
-                &ingress,
-                StatusCode::BAD_REQUEST,
-                json!({"error": format!("{BATCH} must be a JSON array")}),
-            );
-        }
-        _ => {
-            return answer(
-                &ingress,
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                json!({"error": format!("content type {content_type:?} is not {SINGLE}, {BATCH} or application/json")}),
-            );
-        }
+    let media_type = media_type(content_type);
+    if !matches!(media_type.as_str(), SINGLE | BATCH | "application/json") {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "content type {content_type:?} is not {SINGLE}, {BATCH} or application/json, and no ce-* \
+                 headers make it a binary-mode event"
+            ),
+        ));
+    }
+    let parsed: Value = serde_json::from_slice(body)
+        .map_err(|error| Problem::new(StatusCode::BAD_REQUEST, format!("the body is not JSON: {error}")))?;
+    let events = match (media_type.as_str(), parsed) {
+        (SINGLE | "application/json", event @ Value::Object(_)) => vec![event],
+        (BATCH | "application/json", Value::Array(events)) => events,
+        (SINGLE, _) => return Err(Problem::new(StatusCode::BAD_REQUEST, format!("{SINGLE} must be one JSON object"))),
+        _ => return Err(Problem::new(StatusCode::BAD_REQUEST, format!("{BATCH} must be a JSON array"))),
     };
+    Ok(events.into_iter().map(Incoming::Event).collect())
+}
+
+/// The event of a binary-mode request: each `ce-<name>` header is the attribute `<name>`
+/// (percent-decoded, binding section 3.1.3.2), `Content-Type` is `datacontenttype`, and the
+/// body is the data. Only JSON data is metered; other data is refused by the same check as a
+/// structured event's `datacontenttype`.
+fn binary_event(headers: &HeaderMap, body: &[u8]) -> Incoming {
+    let mut event = serde_json::Map::new();
+    for (name, value) in headers {
+        let Some(attribute) = name.as_str().strip_prefix(CE_HEADER_PREFIX) else { continue };
+        let Ok(text) = percent_decode(value.as_bytes()).decode_utf8() else {
+            let id = event.get("id").and_then(Value::as_str).map(str::to_owned);
+            return Incoming::Refused { id, rejection: reject(attribute, "the header is not percent-encoded UTF-8") };
+        };
+        event.insert(attribute.to_owned(), Value::String(text.into_owned()));
+    }
+    let id = event.get("id").and_then(Value::as_str).map(str::to_owned);
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    if let Some(content_type) = content_type {
+        event.insert("datacontenttype".into(), Value::String(content_type.to_owned()));
+    }
+    // No content type: the data is JSON (CloudEvents: an absent datacontenttype means JSON).
+    let json_data = content_type.is_none_or(|t| is_json(&media_type(t)));
+    if json_data && !body.is_empty() {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(data) => {
+                event.insert("data".into(), data);
+            }
+            Err(error) => {
+                return Incoming::Refused { id, rejection: reject("data", format!("the body is not JSON: {error}")) };
+            }
+        }
+    }
+    Incoming::Event(Value::Object(event))
+}
+
+/// The media type of a `Content-Type` value, without parameters, in lower case.
+fn media_type(content_type: &str) -> String {
+    content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+/// `application/json` or a `+json` type.
+fn is_json(media_type: &str) -> bool {
+    media_type == "application/json" || media_type.ends_with("+json")
+}
+
+/// The context attributes every CloudEvent has, checked here so that a refusal names the one
+/// missing (CloudEvents 1.0, section 3.1: non-empty strings).
+fn check_required_attributes(event: &Value) -> Result<(), Rejection> {
+    for attribute in ["specversion", "id", "source", "type"] {
+        match event.get(attribute) {
+            Some(Value::String(text)) if !text.is_empty() => {}
+            None | Some(Value::Null) => return Err(reject(attribute, "is required")),
+            Some(_) => return Err(reject(attribute, "must be a non-empty string")),
+        }
+    }
+    Ok(())
+}
+
+// --- Answers ------------------------------------------------------------------------------------
+
+/// An answer other than 202: RFC 9457 problem details (`application/problem+json`), with the
+/// per-event reasons as the extension member `rejected`, as OpenMeter's ingest answers. A
+/// client whose `Accept` asks for `application/json` and not for problem details gets the
+/// earlier shape: `{"error": detail, "rejected": [...]}`.
+#[derive(Debug)]
+struct Problem {
+    status: StatusCode,
+    detail: String,
+    rejected: Vec<Value>,
+    retry_after: Option<&'static str>,
+}
+
+impl Problem {
+    fn new(status: StatusCode, detail: impl Into<String>) -> Self {
+        Self { status, detail: detail.into(), rejected: Vec::new(), retry_after: None }
+    }
+
+    fn into_response(self, accept: Option<&str>) -> Response {
+        let rejected = (!self.rejected.is_empty()).then_some(self.rejected);
+        let wants_plain_json =
+            accept.is_some_and(|a| a.contains("application/json") && !a.contains("application/problem+json"));
+        let mut response = if wants_plain_json {
+            let mut body = json!({"error": self.detail});
+            if let Some(rejected) = rejected {
+                body["rejected"] = Value::Array(rejected);
+            }
+            (self.status, axum::Json(body)).into_response()
+        } else {
+            // `instance` names this occurrence; the same id is in the service's log line.
+            let instance = format!("urn:uuid:{}", Uuid::new_v4());
+            tracing::info!(status = self.status.as_u16(), %instance, detail = %self.detail, "request refused");
+            let mut body = json!({
+                "type": "about:blank",
+                "title": self.status.canonical_reason().unwrap_or("Error"),
+                "status": self.status.as_u16(),
+                "detail": self.detail,
+                "instance": instance,
+            });
+            if let Some(rejected) = rejected {
+                body["rejected"] = Value::Array(rejected);
+            }
+            let mut response = (self.status, body.to_string()).into_response();
+            response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(PROBLEM_JSON));
+            response
+        };
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static(seconds));
+        }
+        response
+    }
+}
+
+// --- The handler --------------------------------------------------------------------------------
+
+async fn ingest(
+    State(ingress): State<Arc<Ingress>>,
+    path: Option<MatchedPath>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    // The events are read before the request's span starts, so that the span can continue the
+    // trace an event carries when the request itself carries none.
+    let events = if authorised(&ingress, &headers) {
+        body.map_err(|rejection| Problem::new(rejection.status(), rejection.body_text()))
+            .and_then(|body| read_events(&headers, &body))
+    } else {
+        Err(Problem::new(StatusCode::UNAUTHORIZED, "a valid API key is required (Authorization: Bearer <key>)"))
+    };
+    let route = path.as_ref().map_or("/v1/events", MatchedPath::as_str);
+    let span = request_span(route, &headers, events.as_deref().unwrap_or_default());
+    let outcome = match events {
+        Ok(events) => accept(&ingress, &headers, events, &span).instrument(span.clone()).await,
+        Err(problem) => Err(problem),
+    };
+    let response = match outcome {
+        Ok(ids) => (StatusCode::ACCEPTED, axum::Json(json!({"accepted": ids}))).into_response(),
+        Err(problem) => problem.into_response(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok())),
+    };
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    ingress.metrics.requests.get_or_create(&StatusLabels { status: status.as_u16() }).inc();
+    response
+}
+
+/// The request's server span (OpenTelemetry HTTP semantic conventions), a child of the caller's
+/// W3C `traceparent` header, or else of the `traceparent` attribute (CloudEvents distributed
+/// tracing extension) of the first event that has one.
+fn request_span(route: &str, headers: &HeaderMap, events: &[Incoming]) -> tracing::Span {
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format!("POST {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = "POST",
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    if !trace::continue_trace(&span, &opentelemetry_http::HeaderExtractor(headers)) {
+        let carried = events.iter().find_map(|event| match event {
+            Incoming::Event(event) => event.get("traceparent").and_then(Value::as_str),
+            Incoming::Refused { .. } => None,
+        });
+        if let Some(traceparent) = carried {
+            trace::continue_trace(&span, &trace::Traceparent(traceparent));
+        }
+    }
+    span
+}
+
+/// Checks every event and writes them all, or none: the accepted ids, or why not.
+async fn accept(
+    ingress: &Ingress,
+    headers: &HeaderMap,
+    events: Vec<Incoming>,
+    span: &tracing::Span,
+) -> Result<Vec<String>, Problem> {
     if events.is_empty() {
-        return answer(&ingress, StatusCode::BAD_REQUEST, json!({"error": "the batch is empty"}));
+        return Err(Problem::new(StatusCode::BAD_REQUEST, "the batch is empty"));
     }
     if events.len() > ingress.max_batch_events {
-        return answer(
-            &ingress,
+        return Err(Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            json!({"error": format!("{} events in one request; at most {} are accepted", events.len(), ingress.max_batch_events)}),
-        );
+            format!("{} events in one request; at most {} are accepted", events.len(), ingress.max_batch_events),
+        ));
     }
 
     let now = ingress.clock.now();
     let correlation_id = headers.get(CORRELATION_HEADER).and_then(|v| v.to_str().ok());
     let mut accepted = Vec::with_capacity(events.len());
     let mut rejected = Vec::new();
-    for (index, raw) in events.into_iter().enumerate() {
-        let id = raw.get("id").and_then(Value::as_str).map(str::to_owned);
-        let checked = serde_json::from_value::<CloudEvent>(raw)
-            .map_err(|e| reject("event", format!("not a CloudEvent: {e}")))
-            .and_then(|event| event.into_usage_event(now, correlation_id))
-            .and_then(|event| ingress.meters.measure(&event, now, ingress.bounds).map(|_| event));
+    for (index, incoming) in events.into_iter().enumerate() {
+        let (id, checked) = match incoming {
+            Incoming::Refused { id, rejection } => (id, Err(rejection)),
+            Incoming::Event(raw) => {
+                let id = raw.get("id").and_then(Value::as_str).map(str::to_owned);
+                let checked = check_required_attributes(&raw)
+                    .and_then(|()| {
+                        serde_json::from_value::<CloudEvent>(raw)
+                            .map_err(|e| reject("event", format!("not a CloudEvent: {e}")))
+                    })
+                    .and_then(|event| event.into_usage_event(now, correlation_id))
+                    .and_then(|event| ingress.meters.measure(&event, now, ingress.bounds).map(|_| event));
+                (id, checked)
+            }
+        };
         match checked {
             Ok(event) => accepted.push(event),
             Err(rejection) => {
@@ -305,34 +488,36 @@ async fn ingest(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: B
     }
     if !rejected.is_empty() {
         ingress.metrics.events_rejected.inc_by(rejected.len() as u64);
-        return answer(
-            &ingress,
+        let total = rejected.len() + accepted.len();
+        let mut problem = Problem::new(
             StatusCode::BAD_REQUEST,
-            json!({"error": format!("{} of {} events refused; nothing was written", rejected.len(), rejected.len() + accepted.len()), "rejected": rejected}),
+            format!("{} of {total} events refused; nothing was written", rejected.len()),
         );
+        problem.rejected = rejected;
+        return Err(problem);
     }
 
-    match write(&ingress, &accepted).await {
+    let trace_headers = trace::trace_headers(span);
+    match write(ingress, &accepted, &trace_headers).await {
         Ok(()) => {
             ingress.metrics.events_accepted.inc_by(accepted.len() as u64);
-            let ids: Vec<&str> = accepted.iter().map(|e| e.id.as_str()).collect();
-            answer(&ingress, StatusCode::ACCEPTED, json!({"accepted": ids}))
+            Ok(accepted.into_iter().map(|e| e.id).collect())
         }
         Err(error) => {
             tracing::warn!(%error, events = accepted.len(), "writing usage events failed");
-            let mut response = answer(
-                &ingress,
+            let mut problem = Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({"error": format!("the events could not be stored, resend them: {error}")}),
+                format!("the events could not be stored, resend them: {error}"),
             );
-            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
-            response
+            problem.retry_after = Some("5");
+            Err(problem)
         }
     }
 }
 
 /// Writes `events` and waits until Kafka acknowledged every one.
-async fn write(ingress: &Ingress, events: &[UsageEvent]) -> anyhow::Result<()> {
+/// Each record carries the request span's trace context, so that the trace runs on.
+async fn write(ingress: &Ingress, events: &[UsageEvent], trace_headers: &[(String, String)]) -> anyhow::Result<()> {
     let ce_type = tributary_contracts::codec::record_full_name(topics::USAGE_EVENTS).unwrap_or("UsageEvent");
     let mut encoded = Vec::with_capacity(events.len());
     for event in events {
@@ -340,7 +525,8 @@ async fn write(ingress: &Ingress, events: &[UsageEvent]) -> anyhow::Result<()> {
     }
     let deliveries = events.iter().zip(&encoded).map(|(event, payload)| {
         let mut record_headers = OwnedHeaders::new();
-        let headers: BTreeMap<&str, String> = event.envelope.cloudevents_headers(ce_type).into_iter().collect();
+        let mut headers: BTreeMap<&str, String> = event.envelope.cloudevents_headers(ce_type).into_iter().collect();
+        headers.extend(trace_headers.iter().map(|(name, value)| (name.as_str(), value.clone())));
         for (name, value) in &headers {
             record_headers = record_headers.insert(Header { key: name, value: Some(value.as_str()) });
         }
@@ -415,5 +601,100 @@ mod tests {
             "answered after the produce timeout, not librdkafka's 5 min"
         );
         assert_eq!(ingress.metrics.events_accepted.get(), 0, "nothing counted as accepted");
+    }
+
+    async fn call(request: Request<Body>) -> (StatusCode, HeaderMap, Value) {
+        let response = router(ingress_without_kafka(), 1 << 10).oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        (status, headers, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    fn binary(attributes: &[(&str, &str)], content_type: Option<&str>, body: &str) -> Request<Body> {
+        let mut request = Request::post("/v1/events").header(header::AUTHORIZATION, format!("Bearer {KEY}"));
+        for (name, value) in attributes {
+            request = request.header(format!("ce-{name}"), *value);
+        }
+        if let Some(content_type) = content_type {
+            request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        request.body(Body::from(body.to_owned())).unwrap()
+    }
+
+    const ATTRIBUTES: [(&str, &str); 5] =
+        [("specversion", "1.0"), ("id", "e1"), ("source", "s"), ("type", "api.call"), ("subject", "acct")];
+
+    #[tokio::test]
+    async fn a_binary_event_is_read_from_its_headers_percent_decoded_whatever_its_content_type() {
+        let ok = call(binary(&ATTRIBUTES, None, "")).await;
+        // Accepted up to the write, which fails only because Kafka is unreachable here.
+        assert_eq!(ok.0, StatusCode::SERVICE_UNAVAILABLE, "{}", ok.2);
+        let with_structured_type = call(binary(&ATTRIBUTES, Some(SINGLE), "{\"a\": 1}")).await;
+        assert_eq!(with_structured_type.0, StatusCode::SERVICE_UNAVAILABLE, "binary wins: {}", with_structured_type.2);
+
+        let mut quoted = ATTRIBUTES.to_vec();
+        quoted.push(("time", "2026-12-02T10%3A00%3A00Z%20"));
+        let (status, _, body) = call(binary(&quoted, None, "")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let reason = body["rejected"][0]["reason"].as_str().unwrap();
+        assert!(reason.contains("\"2026-12-02T10:00:00Z \""), "decoded before it is checked: {reason}");
+    }
+
+    #[tokio::test]
+    async fn a_binary_event_refused_names_the_missing_attribute_or_the_data() {
+        let without_id: Vec<_> = ATTRIBUTES.iter().copied().filter(|(name, _)| *name != "id").collect();
+        let (status, headers, body) = call(binary(&without_id, None, "")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(headers[header::CONTENT_TYPE], PROBLEM_JSON);
+        assert_eq!(
+            (body["rejected"][0]["field"].as_str(), body["rejected"][0]["reason"].as_str()),
+            (Some("id"), Some("is required"))
+        );
+
+        let (_, _, body) = call(binary(&ATTRIBUTES, Some("application/json"), "{not json")).await;
+        assert_eq!(body["rejected"][0]["field"], "data", "{body}");
+        let (_, _, body) = call(binary(&ATTRIBUTES, Some("text/plain"), "hello")).await;
+        assert_eq!(body["rejected"][0]["field"], "datacontenttype", "{body}");
+        let (_, _, body) = call(binary(&ATTRIBUTES, Some("application/json"), "[1]")).await;
+        assert_eq!(body["rejected"][0]["field"], "data", "an array is no event data: {body}");
+    }
+
+    #[tokio::test]
+    async fn every_refusal_is_a_problem_document_and_plain_json_when_asked() {
+        let unauthorised =
+            Request::post("/v1/events").header(header::CONTENT_TYPE, BATCH).body(Body::from("[]")).unwrap();
+        let (status, headers, body) = call(unauthorised).await;
+        assert_eq!((status, headers[header::WWW_AUTHENTICATE].to_str().unwrap()), (StatusCode::UNAUTHORIZED, "Bearer"));
+        assert_eq!(
+            (body["type"].as_str(), body["title"].as_str(), body["status"].as_u64()),
+            (Some("about:blank"), Some("Unauthorized"), Some(401))
+        );
+        assert!(body["instance"].as_str().unwrap().starts_with("urn:uuid:"));
+
+        let too_big = Request::post("/v1/events")
+            .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+            .header(header::CONTENT_TYPE, BATCH)
+            .body(Body::from(vec![b' '; 2 << 10]))
+            .unwrap();
+        let (status, headers, body) = call(too_big).await;
+        assert_eq!(
+            (status, headers[header::CONTENT_TYPE].to_str().unwrap()),
+            (StatusCode::PAYLOAD_TOO_LARGE, PROBLEM_JSON)
+        );
+        assert_eq!(body["status"], 413);
+
+        let plain = Request::post("/v1/events")
+            .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+            .header(header::CONTENT_TYPE, "text/plain")
+            .header(header::ACCEPT, "application/json")
+            .body(Body::from("x"))
+            .unwrap();
+        let (status, headers, body) = call(plain).await;
+        assert_eq!(
+            (status, headers[header::CONTENT_TYPE].to_str().unwrap()),
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, "application/json")
+        );
+        assert!(body["error"].as_str().unwrap().contains("text/plain"), "{body}");
     }
 }
