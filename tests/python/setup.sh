@@ -69,7 +69,7 @@ rm -f "$stamp"
 "$base_python" -m venv --clear "$venv" >&2
 "$py" -m pip install --quiet --disable-pip-version-check --no-input -r "$requirements" >&2
 # Fail here, not in the test, if the install is unusable.
-"$py" -c 'import confluent_kafka, confluent_kafka.schema_registry.avro, fastavro, kubernetes_validate, yaml, cloudevents.core.bindings.http' >&2
+"$py" -c 'import confluent_kafka, confluent_kafka.schema_registry.avro, fastavro, kubernetes_validate, yaml, cloudevents.core.bindings.http, prometheus_client.openmetrics.parser' >&2
 want_stamp "$py" >"$stamp"
 log "ready in $((SECONDS - start)) s (confluent-kafka $("$py" -c 'import importlib.metadata as m; print(m.version("confluent-kafka"))'), librdkafka $("$py" -c 'import confluent_kafka as c; print(c.libversion()[0])'))"
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use tributary_contracts::codec::{Codec, Location};
 use tributary_contracts::registry::{RegistryClient, RegistryResolver};
 use tributary_contracts::types::{Envelope, UsageEvent};
@@ -92,6 +92,27 @@ pub async fn produce_keyed<T: Contract>(producer: &FutureProducer, codec: &Codec
         for outcome in futures::future::join_all(sends).await {
             outcome.map_err(|(error, _)| error).expect("produce");
         }
+    }
+}
+
+/// Writes `values` to `topic`, keyed by their account ids, each value in a transaction of its
+/// own, as another exactly-once service would: every record is followed by a commit marker,
+/// an offset that no consumer receives.
+pub async fn produce_transactionally<T: Contract>(stack: &Stack, codec: &Codec, topic: &str, values: &[T]) {
+    let producer: FutureProducer = producer_config(&stack.kafka())
+        .set("transactional.id", crate::unique_name("test-txn"))
+        .create()
+        .expect("transactional producer");
+    producer.init_transactions(TIMEOUT).expect("init transactions");
+    for (key, value) in by_account(values) {
+        let payload = codec.encode(&value).await.expect("encode");
+        producer.begin_transaction().expect("begin");
+        producer
+            .send(FutureRecord::to(topic).key(key.as_str()).payload(payload.as_slice()), TIMEOUT)
+            .await
+            .map_err(|(error, _)| error)
+            .expect("produce");
+        producer.commit_transaction(TIMEOUT).expect("commit");
     }
 }
 

@@ -26,6 +26,7 @@ pub mod config;
 pub mod dlq;
 pub mod engine;
 pub mod kafka;
+mod lag;
 pub mod processor;
 mod rebalance;
 pub mod retry;

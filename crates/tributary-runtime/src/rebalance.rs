@@ -20,6 +20,7 @@ use tributary_telemetry::{Health, ServiceMetrics};
 
 use crate::config::KafkaConfig;
 use crate::kafka::read_to_end;
+use crate::lag::LagTracker;
 use crate::state::{PartitionState, changelog_topic};
 
 /// How long aborting the open transaction on revocation may take.
@@ -39,9 +40,10 @@ pub(crate) struct RebalanceEvents {
 }
 
 /// The consumer's context: aborts the open transaction before partitions are revoked, and
-/// records lag from librdkafka's statistics.
+/// records lag from librdkafka's statistics (see [`LagTracker`]).
 pub(crate) struct RuntimeContext {
     pub(crate) producer: Arc<ThreadedProducer<DefaultProducerContext>>,
+    pub(crate) lag: Arc<LagTracker>,
     pub(crate) txn_open: Arc<AtomicBool>,
     pub(crate) events: Arc<Mutex<RebalanceEvents>>,
     pub(crate) metrics: ServiceMetrics,
@@ -51,15 +53,19 @@ pub(crate) struct RuntimeContext {
 impl ClientContext for RuntimeContext {
     fn stats(&self, statistics: Statistics) {
         for (topic, stats) in &statistics.topics {
-            for (partition, p) in &stats.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    self.metrics
-                        .consumer_lag
-                        .get_or_create(&PartitionLabels { topic: topic.clone(), partition: *partition })
-                        .set(p.consumer_lag);
+            for (&partition, p) in &stats.partitions {
+                if partition < 0 {
+                    continue; // librdkafka's internal "unassigned" partition
+                }
+                if p.desired {
+                    self.lag.fetched(topic, p);
+                } else {
+                    self.lag.forget(topic, partition);
+                    self.metrics.consumer_lag.remove(&PartitionLabels { topic: topic.clone(), partition });
                 }
             }
         }
+        self.lag.publish(&self.metrics);
     }
 }
 
@@ -78,6 +84,12 @@ impl ConsumerContext for RuntimeContext {
                 self.metrics.transactions.get_or_create(&OutcomeLabels { outcome: "aborted".into() }).inc();
             }
             events.revoked.extend(partitions.elements().iter().map(|e| e.partition()));
+            for element in partitions.elements() {
+                self.lag.forget(element.topic(), element.partition());
+                self.metrics
+                    .consumer_lag
+                    .remove(&PartitionLabels { topic: element.topic().to_owned(), partition: element.partition() });
+            }
             tracing::info!(partitions = ?partitions.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect::<Vec<_>>(), "partitions revoked");
         }
     }

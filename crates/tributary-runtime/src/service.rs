@@ -45,7 +45,9 @@ impl BuildContext {
         let mut registry = Registry::default();
         let metrics = ServiceMetrics::register(&mut registry, service);
         clock.register_metrics(&mut registry);
-        Self { registry, metrics, health: Health::new(), clock, bound: Vec::new(), admin_routes: None }
+        let health = Health::new();
+        health.register_metrics(&mut registry);
+        Self { registry, metrics, health, clock, bound: Vec::new(), admin_routes: None }
     }
 
     /// Serves `routes` on the admin port too, beside `/metrics` and the probes: read-only

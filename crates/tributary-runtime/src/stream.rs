@@ -49,6 +49,7 @@ use tributary_telemetry::metrics::TopicLabels;
 use crate::config::{KafkaConfig, RuntimeConfig};
 use crate::engine::{Attempted, Backoff, Completion, Engine, EngineSettings, Record, Work};
 use crate::kafka::{TopicKind, client_config, ensure_topics};
+use crate::lag::{self, LagTracker};
 use crate::processor::{Attempt, Processor};
 use crate::rebalance::{RebalanceEvents, RuntimeContext, restore};
 use crate::service::BuildContext;
@@ -120,6 +121,8 @@ pub struct StreamRuntime<P: Processor> {
     consumer: RuntimeConsumer,
     transactions: Transactions,
     events: Arc<Mutex<RebalanceEvents>>,
+    /// Offsets taken into processing, for the consumer lag metric (see [`LagTracker`]).
+    lag: Arc<LagTracker>,
     slots: BTreeMap<i32, Slot>,
     tasks: JoinSet<TaskOutcome>,
     /// Bumped whenever work in flight is thrown away (an abort), so that a task finishing
@@ -179,6 +182,8 @@ impl<P: Processor> StreamRuntime<P> {
             inputs.iter().chain(&outputs).chain([&dlq]).map(|t| (t.as_str(), TopicKind::Events)).collect();
         topics.extend(changelogs.iter().map(|t| (t.as_str(), TopicKind::Compacted)));
         ensure_topics(kafka, &topics).await.context("creating the service's topics")?;
+        let produced: Vec<String> = outputs.iter().chain([&dlq]).chain(&changelogs).cloned().collect();
+        context.metrics.declare(&inputs, &produced);
 
         let prefix = kafka.transactional_id_prefix.clone().unwrap_or_else(|| service.to_owned());
         let transactional_id = format!("{prefix}-{}", settings.instance_id);
@@ -186,8 +191,10 @@ impl<P: Processor> StreamRuntime<P> {
 
         let events = Arc::new(Mutex::new(RebalanceEvents::default()));
         let (producer, txn_open) = transactions.shared();
+        let lag = transactions.lag();
         let consumer_context = RuntimeContext {
             producer,
+            lag: lag.clone(),
             txn_open,
             events: events.clone(),
             metrics: context.metrics.clone(),
@@ -217,6 +224,7 @@ impl<P: Processor> StreamRuntime<P> {
             consumer,
             transactions,
             events,
+            lag,
             slots: BTreeMap::new(),
             tasks: JoinSet::new(),
             generation: 0,
@@ -280,7 +288,14 @@ impl<P: Processor> StreamRuntime<P> {
         let inputs = self.engine.input_topics();
         let subscription: Vec<&str> = inputs.iter().map(String::as_str).collect();
         self.consumer.subscribe(&subscription).context("subscribing")?;
-        self.run_loop(shutdown, followers).await
+        let ends_stop = shutdown.child_token();
+        let ends =
+            lag::watch_ends(&self.settings.kafka, self.lag.clone(), self.engine.metrics.clone(), ends_stop.clone())
+                .context("creating the client that asks for the partitions' ends")?;
+        let outcome = self.run_loop(shutdown, followers).await;
+        ends_stop.cancel();
+        ends.abort();
+        outcome
     }
 
     async fn follow_tables(&self, stop: &CancellationToken) -> anyhow::Result<JoinSet<anyhow::Result<()>>> {
@@ -418,6 +433,9 @@ impl<P: Processor> StreamRuntime<P> {
         let state = self.engine.partition(partition);
         let started = first_at.unwrap_or_else(|| self.engine.clock.now());
         let first_at = Some(started);
+        if let Work::Record(record) = &work {
+            self.lag.taken(&record.topic, record.partition, record.offset);
+        }
         let numbered = Attempt { number: attempt, first_at: started };
         let mut attempting = self.engine.attempt(&work, &state, numbered);
         // Most attempts never wait (no I/O): finishing them here costs no task and keeps the

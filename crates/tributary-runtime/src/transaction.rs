@@ -34,6 +34,7 @@ use tributary_telemetry::metrics::{OutcomeLabels, TopicLabels};
 use crate::config::KafkaConfig;
 use crate::engine::{DeadLetterRecord, EncodedOutput};
 use crate::kafka::producer_config;
+use crate::lag::LagTracker;
 use crate::state::{PartitionState, changelog_topic};
 
 /// The broker aborts a transaction open longer than this (see the module doc).
@@ -69,6 +70,8 @@ pub(crate) struct Transactions {
     /// them up by `&str`, allocating nothing).
     output_topics: HashMap<&'static str, (String, Counter)>,
     changelog_topics: HashMap<&'static str, String>,
+    /// Told the offsets of every committed transaction, for the lag metric.
+    lag: Arc<LagTracker>,
 }
 
 impl Transactions {
@@ -103,12 +106,18 @@ impl Transactions {
             metrics,
             output_topics: HashMap::new(),
             changelog_topics: HashMap::new(),
+            lag: Arc::default(),
         })
     }
 
     /// The producer and the open flag, for the rebalance callback that aborts on revocation.
     pub(crate) fn shared(&self) -> (Arc<ThreadedProducer<DefaultProducerContext>>, Arc<AtomicBool>) {
         (self.producer.clone(), self.open.clone())
+    }
+
+    /// What learns the committed offsets, for the consumer's lag metric.
+    pub(crate) fn lag(&self) -> Arc<LagTracker> {
+        self.lag.clone()
     }
 
     pub(crate) fn is_open(&self) -> bool {
@@ -262,6 +271,9 @@ impl Transactions {
                 for (end_to_end, occurred_at) in self.occurred.drain(..) {
                     end_to_end.observe((now - occurred_at).max(0) as f64 / 1000.0);
                 }
+                self.lag.committed(self.offsets.iter().flat_map(|(topic, partitions)| {
+                    partitions.iter().map(move |(&partition, &offset)| (topic.as_str(), partition, offset))
+                }));
                 self.offsets.clear();
                 Ok(Committed::Yes)
             }

@@ -7,6 +7,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
 /// Shared health flags. Cloning shares the same flags.
 #[derive(Debug, Clone, Default)]
 pub struct Health {
@@ -60,6 +65,33 @@ impl Health {
     }
 }
 
+/// `tributary_ready` and `tributary_live` (1 or 0), read from the flags at each scrape, so that
+/// an alert sees what the probes see (`tributary_ready == 0 for 5m`).
+#[derive(Debug)]
+struct HealthCollector(Health);
+
+impl Collector for HealthCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        for (name, help, value) in [
+            ("ready", "1 while the service can process (its readiness probe answers 200), else 0", self.0.is_ready()),
+            ("live", "1 while the service runs its loops (its liveness probe answers 200), else 0", self.0.is_live()),
+        ] {
+            let gauge = ConstGauge::new(i64::from(value));
+            let full_name = format!("{}_{name}", crate::metrics::METRIC_PREFIX);
+            let metric = encoder.encode_descriptor(&full_name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+impl Health {
+    /// Exposes these flags in `registry` as `tributary_ready` and `tributary_live`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register_collector(Box::new(HealthCollector(self.clone())));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +126,18 @@ mod tests {
         assert!(health.is_ready());
         relay.set_ready(false);
         assert!(!health.is_ready(), "a relay restoring after a rebalance makes the service not ready");
+    }
+
+    #[test]
+    fn readiness_is_a_gauge_read_at_each_scrape() {
+        let health = Health::new();
+        let mut registry = Registry::default();
+        health.register_metrics(&mut registry);
+        let scrape = || crate::metrics::encode(&registry);
+        assert!(scrape().contains("tributary_ready 0\n") && scrape().contains("tributary_live 1\n"), "{}", scrape());
+        health.set_ready(true);
+        assert!(scrape().contains("tributary_ready 1\n"), "{}", scrape());
+        health.set_stopping();
+        assert!(scrape().contains("tributary_ready 0\n") && scrape().contains("tributary_live 0\n"), "{}", scrape());
     }
 }

@@ -87,6 +87,13 @@ pub enum CircuitState {
     Open = 2,
 }
 
+/// The errors the runtime itself counts, as (class, stage): an input that does not decode, a
+/// failed consume, a failed commit.
+pub const RUNTIME_ERRORS: [(&str, &str); 3] = [("decode", "decode"), ("consume", "consume"), ("commit", "commit")];
+
+/// The stages whose transient failures are retried.
+pub const RETRIED_STAGES: [&str; 3] = ["process", "produce", "timer"];
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Latency buckets from 1 ms to about 33 s: wide enough for a record's processing and for an
@@ -205,9 +212,39 @@ impl ServiceMetrics {
         metrics
     }
 
+    /// Creates, at zero, the series that exist from the start: per input topic, what is
+    /// consumed, skipped, dead-lettered and timed; per output topic, what is produced; the
+    /// errors and retries of the runtime's own stages; both transaction outcomes. An alert on
+    /// `increase(...)` then sees the first event (a series born at 1 shows no increase), and a
+    /// dashboard shows 0 rather than "no data". Errors of a processor's own classes, circuits
+    /// and lag appear when they exist: when the class first occurs, the circuit is built, and
+    /// the partition is assigned.
+    pub fn declare(&self, inputs: &[String], outputs: &[String]) {
+        for topic in inputs {
+            let labels = TopicLabels { topic: topic.clone() };
+            let _ = self.records_consumed.get_or_create(&labels);
+            let _ = self.duplicates_skipped.get_or_create(&labels);
+            let _ = self.processing_seconds.get_or_create(&labels);
+            let _ = self.end_to_end_seconds.get_or_create(&labels);
+            let _ = self.dlq_writes.get_or_create(&DlqLabels { source_topic: topic.clone(), class: "decode".into() });
+        }
+        for topic in outputs {
+            let _ = self.records_produced.get_or_create(&TopicLabels { topic: topic.clone() });
+        }
+        for (class, stage) in RUNTIME_ERRORS {
+            let _ = self.errors.get_or_create(&ErrorLabels { class: class.into(), stage: stage.into() });
+        }
+        for stage in RETRIED_STAGES {
+            let _ = self.retries.get_or_create(&StageLabels { stage: stage.into() });
+        }
+        for outcome in ["committed", "aborted"] {
+            let _ = self.transactions.get_or_create(&OutcomeLabels { outcome: outcome.into() });
+        }
+    }
+
     /// Counts one error of `class` at `stage`.
     pub fn error(&self, class: &str, stage: &str) {
-        self.errors.get_or_create(&ErrorLabels { class: class.to_owned(), stage: stage.to_owned() }).inc();
+        let _ = self.errors.get_or_create(&ErrorLabels { class: class.to_owned(), stage: stage.to_owned() }).inc();
     }
 
     /// Sets the state of the circuit breaker named `circuit`.

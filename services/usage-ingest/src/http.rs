@@ -29,6 +29,7 @@ use percent_encoding::percent_decode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
@@ -63,15 +64,46 @@ pub struct StatusLabels {
     pub status: u16,
 }
 
+/// Request durations by status class.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusClassLabels {
+    /// `2xx`, `4xx` or `5xx`.
+    pub status_class: &'static str,
+}
+
+/// The classes every answer falls in, created at zero so that an alert on 5xx sees the first.
+const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
+
+type DurationFamily = Family<StatusClassLabels, Histogram, fn() -> Histogram>;
+
 /// HTTP metrics.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HttpMetrics {
     /// Requests by answer.
     pub requests: Family<StatusLabels, Counter>,
+    /// Time to answer, from the request's arrival to its answer, by status class.
+    pub request_seconds: DurationFamily,
     /// Events accepted and written to Kafka.
     pub events_accepted: Counter,
     /// Events refused with a reason.
     pub events_rejected: Counter,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        // From 1 ms to about 16 s: an answer waits for Kafka's acknowledgement of every event.
+        let request_seconds: DurationFamily =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 15)));
+        for status_class in STATUS_CLASSES {
+            let _ = request_seconds.get_or_create(&StatusClassLabels { status_class });
+        }
+        Self {
+            requests: Family::default(),
+            request_seconds,
+            events_accepted: Counter::default(),
+            events_rejected: Counter::default(),
+        }
+    }
 }
 
 /// What the handler needs.
@@ -391,6 +423,8 @@ async fn ingest(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    // The body has been read by now; a slow sender's upload is not the service's latency.
+    let started = std::time::Instant::now();
     // The events are read before the request's span starts, so that the span can continue the
     // trace an event carries when the request itself carries none.
     let events = if authorised(&ingress, &headers) {
@@ -415,6 +449,18 @@ async fn ingest(
         span.record("otel.status_code", "ERROR");
     }
     ingress.metrics.requests.get_or_create(&StatusLabels { status: status.as_u16() }).inc();
+    let status_class = match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    ingress
+        .metrics
+        .request_seconds
+        .get_or_create(&StatusClassLabels { status_class })
+        .observe(started.elapsed().as_secs_f64());
     response
 }
 

@@ -59,6 +59,11 @@ impl App {
             counters.events_without_contract.clone(),
         );
         registry.register("http_requests", "POST /v1/events requests by status", http_metrics.requests.clone());
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer POST /v1/events, by status class (2xx, 4xx, 5xx)",
+            http_metrics.request_seconds.clone(),
+        );
         registry.register("http_events_accepted", "Events accepted over HTTP", http_metrics.events_accepted.clone());
         registry.register("http_events_rejected", "Events refused over HTTP", http_metrics.events_rejected.clone());
         (counters, http_metrics, contract_rows)
