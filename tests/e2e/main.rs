@@ -5,6 +5,7 @@ mod contracts;
 mod entitlement_watcher;
 mod erp_poster;
 mod kafka_transactions;
+mod metrics;
 mod renewal_notifier;
 mod runtime;
 mod schema_registry;
