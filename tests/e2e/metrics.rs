@@ -109,6 +109,22 @@ struct Subject {
     circuits: BTreeSet<&'static str>,
 }
 
+impl Subject {
+    /// `circuits` are the service's own (its webhook relays' included); `with_relay` when it
+    /// runs a relay, whose runtime reports under `tributary_relay_`.
+    fn new(
+        name: &'static str,
+        service: RunningService,
+        prefix: String,
+        partitions: i32,
+        circuits: &[&'static str],
+        with_relay: bool,
+    ) -> Self {
+        let runtimes = if with_relay { vec!["tributary", "tributary_relay"] } else { vec!["tributary"] };
+        Self { name, service, prefix, partitions, runtimes, circuits: circuits.iter().copied().collect() }
+    }
+}
+
 fn configured<S: ServiceSection>(stack: &Stack, name: &str) -> (ServiceConfig<S>, String) {
     let prefix = format!("{}.", unique_name("metrics"));
     let mut config = stack.service_config::<S>(name);
@@ -136,26 +152,12 @@ async fn start_all(stack: &'static Stack) -> Vec<Subject> {
     }];
     let partitions = config.kafka.partitions;
     let service = tributary_tests::spawn_ready::<usage_ingest::App>(config).await;
-    subjects.push(Subject {
-        name: "usage-ingest",
-        service,
-        prefix,
-        partitions,
-        runtimes: vec!["tributary"],
-        circuits: BTreeSet::new(),
-    });
+    subjects.push(Subject::new("usage-ingest", service, prefix, partitions, &[], false));
 
     let (mut config, prefix) = configured::<billing_router::Settings>(stack, "billing-router");
     config.service.default_overage_product = Some("USAGE-OVERAGE".into());
     let service = tributary_tests::spawn_ready::<billing_router::App>(config).await;
-    subjects.push(Subject {
-        name: "billing-router",
-        service,
-        prefix,
-        partitions,
-        runtimes: vec!["tributary"],
-        circuits: BTreeSet::new(),
-    });
+    subjects.push(Subject::new("billing-router", service, prefix, partitions, &[], false));
 
     let (mut config, prefix) = configured::<erp_poster::Settings>(stack, "erp-poster");
     config.service.tryton.url = stack.tryton_url.clone();
@@ -163,25 +165,11 @@ async fn start_all(stack: &'static Stack) -> Vec<Subject> {
     config.service.tryton.user = stack.tryton_user.clone();
     config.service.tryton.password = Some(stack.tryton_password.clone());
     let service = tributary_tests::spawn_ready::<erp_poster::App>(config).await;
-    subjects.push(Subject {
-        name: "erp-poster",
-        service,
-        prefix,
-        partitions,
-        runtimes: vec!["tributary"],
-        circuits: BTreeSet::from(["erp"]),
-    });
+    subjects.push(Subject::new("erp-poster", service, prefix, partitions, &["erp"], false));
 
     let (config, prefix) = configured::<entitlement_watcher::Settings>(stack, "entitlement-watcher");
     let service = tributary_tests::spawn_ready::<entitlement_watcher::App>(config).await;
-    subjects.push(Subject {
-        name: "entitlement-watcher",
-        service,
-        prefix,
-        partitions,
-        runtimes: vec!["tributary"],
-        circuits: BTreeSet::new(),
-    });
+    subjects.push(Subject::new("entitlement-watcher", service, prefix, partitions, &[], false));
 
     // With one webhook endpoint, so that its delivery relay is held to the same list. Nothing
     // listens at its URL; no notification is due, so nothing is sent there.
@@ -195,14 +183,7 @@ async fn start_all(stack: &'static Stack) -> Vec<Subject> {
         ..EndpointSettings::default()
     }];
     let service = tributary_tests::spawn_ready::<renewal_notifier::App>(config).await;
-    subjects.push(Subject {
-        name: "renewal-notifier",
-        service,
-        prefix,
-        partitions,
-        runtimes: vec!["tributary", "tributary_relay"],
-        circuits: BTreeSet::from(["webhook.customer-success"]),
-    });
+    subjects.push(Subject::new("renewal-notifier", service, prefix, partitions, &["webhook.customer-success"], true));
     subjects
 }
 

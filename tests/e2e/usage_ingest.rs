@@ -688,9 +688,11 @@ fn recompute(events: &[UsageEvent]) -> BTreeMap<AggregateId, (Decimal6, i64)> {
         .collect()
 }
 
-/// The usage-ingest binary on this world's topics, configured by a TOML file like an operator's.
-fn spawn_binary(world: &Ingest, config: &std::path::Path) -> tokio::process::Child {
-    tokio::process::Command::new(workspace_binary("usage-ingest"))
+/// The usage-ingest binary on this world's topics, configured by a TOML file like an
+/// operator's; the caller adds what its test needs and spawns it.
+fn binary_command(world: &Ingest, config: &std::path::Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(workspace_binary("usage-ingest"));
+    command
         .envs(world.stack.service_env())
         .env("TRIBUTARY_CONFIG", config)
         .env("TRIBUTARY__KAFKA__TOPIC_PREFIX", &world.prefix)
@@ -702,9 +704,12 @@ fn spawn_binary(world: &Ingest, config: &std::path::Path) -> tokio::process::Chi
         .env("TRIBUTARY__LOG__FILTER", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start usage-ingest")
+        .kill_on_drop(true);
+    command
+}
+
+fn spawn_binary(world: &Ingest, config: &std::path::Path) -> tokio::process::Child {
+    binary_command(world, config).spawn().expect("start usage-ingest")
 }
 
 #[tokio::test]
@@ -887,23 +892,13 @@ async fn a_request_continues_the_callers_trace_through_its_server_span_to_the_re
     let receiver = OtlpReceiver::start().await;
     let addresses = tempfile::tempdir().unwrap();
     let addresses_file = addresses.path().join("addresses.json");
-    let mut child = tokio::process::Command::new(workspace_binary("usage-ingest"))
-        .envs(world.stack.service_env())
+    let mut child = binary_command(&world, &tributary_tests::workspace_file("deploy/config/usage-ingest.toml"))
         .arg("--addresses-file")
         .arg(&addresses_file)
-        .env("TRIBUTARY_CONFIG", tributary_tests::workspace_file("deploy/config/usage-ingest.toml"))
-        .env("TRIBUTARY__KAFKA__TOPIC_PREFIX", &world.prefix)
-        .env("TRIBUTARY__KAFKA__GROUP_ID", &world.group)
-        .env("TRIBUTARY__KAFKA__TRANSACTIONAL_ID_PREFIX", &world.group)
-        .env("TRIBUTARY__ADMIN__LISTEN", "127.0.0.1:0")
         .env("TRIBUTARY__USAGE_INGEST__HTTP__LISTEN", "127.0.0.1:0")
-        .env("TRIBUTARY__LOG__FILTER", "warn")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint)
         // Export spans every 100 ms rather than every 5 s, so the test waits less.
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
         .spawn()
         .expect("start usage-ingest");
     let bound: Value = eventually(Duration::from_secs(60), "the addresses file", || async {

@@ -35,9 +35,11 @@ pub(crate) const LAG_INTERVAL: Duration = Duration::from_secs(5);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the loop, the transactions and the statistics record; the lag gauge is set from it.
+/// Positions are kept by topic, then partition, so that the loop's note of each record it takes
+/// looks its topic up by `&str` and allocates nothing.
 #[derive(Debug, Default)]
 pub(crate) struct LagTracker {
-    positions: Mutex<HashMap<(String, i32), Position>>,
+    positions: Mutex<HashMap<String, HashMap<i32, Position>>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -77,11 +79,23 @@ impl Position {
     }
 }
 
+/// The position of `topic`/`partition` in `positions`, made on first use.
+fn position<'a>(
+    positions: &'a mut HashMap<String, HashMap<i32, Position>>,
+    topic: &str,
+    partition: i32,
+) -> &'a mut Position {
+    if !positions.contains_key(topic) {
+        positions.insert(topic.to_owned(), HashMap::new());
+    }
+    positions.get_mut(topic).expect("inserted above").entry(partition).or_default()
+}
+
 impl LagTracker {
     /// The record at `offset` of `topic`/`partition` was taken into processing.
     pub(crate) fn taken(&self, topic: &str, partition: i32, offset: i64) {
         let mut positions = self.positions.lock().expect("lag lock");
-        let position = positions.entry((topic.to_owned(), partition)).or_default();
+        let position = position(&mut positions, topic, partition);
         position.taken = Some(position.taken.map_or(offset + 1, |taken| taken.max(offset + 1)));
     }
 
@@ -89,14 +103,14 @@ impl LagTracker {
     pub(crate) fn committed<'a>(&self, offsets: impl IntoIterator<Item = (&'a str, i32, i64)>) {
         let mut positions = self.positions.lock().expect("lag lock");
         for (topic, partition, offset) in offsets {
-            positions.entry((topic.to_owned(), partition)).or_default().committed = Some(offset);
+            position(&mut positions, topic, partition).committed = Some(offset);
         }
     }
 
     /// librdkafka's statistics of an assigned partition of `topic`.
     pub(crate) fn fetched(&self, topic: &str, statistics: &Partition) {
         let mut positions = self.positions.lock().expect("lag lock");
-        let position = positions.entry((topic.to_owned(), statistics.partition)).or_default();
+        let position = position(&mut positions, topic, statistics.partition);
         position.fetch = Some(Fetch {
             next_offset: statistics.next_offset,
             prefetched: statistics.fetchq_cnt,
@@ -111,25 +125,39 @@ impl LagTracker {
 
     /// The end of `topic`/`partition` as a ListOffsets query found it.
     fn ended(&self, topic: &str, partition: i32, end: i64) {
-        if let Some(position) = self.positions.lock().expect("lag lock").get_mut(&(topic.to_owned(), partition)) {
+        if let Some(position) = self
+            .positions
+            .lock()
+            .expect("lag lock")
+            .get_mut(topic)
+            .and_then(|partitions| partitions.get_mut(&partition))
+        {
             position.end = Some(position.end.map_or(end, |known| known.max(end)));
         }
     }
 
     /// The partition was revoked: its next owner knows its lag.
     pub(crate) fn forget(&self, topic: &str, partition: i32) {
-        self.positions.lock().expect("lag lock").remove(&(topic.to_owned(), partition));
+        if let Some(partitions) = self.positions.lock().expect("lag lock").get_mut(topic) {
+            partitions.remove(&partition);
+        }
     }
 
     /// The lag of `topic`/`partition`, once its end and its fetch state are known.
     pub(crate) fn lag(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.positions.lock().expect("lag lock").get(&(topic.to_owned(), partition)).and_then(Position::lag)
+        let positions = self.positions.lock().expect("lag lock");
+        positions.get(topic).and_then(|partitions| partitions.get(&partition)).and_then(Position::lag)
     }
 
     /// The assigned partitions (those the statistics reported).
     fn assigned(&self) -> Vec<(String, i32)> {
         let positions = self.positions.lock().expect("lag lock");
-        positions.iter().filter(|(_, p)| p.fetch.is_some()).map(|(key, _)| key.clone()).collect()
+        positions
+            .iter()
+            .flat_map(|(topic, partitions)| {
+                partitions.iter().filter(|(_, p)| p.fetch.is_some()).map(|(&partition, _)| (topic.clone(), partition))
+            })
+            .collect()
     }
 
     /// Sets the gauge of every assigned partition whose lag is known.

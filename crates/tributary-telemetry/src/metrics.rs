@@ -244,7 +244,7 @@ impl ServiceMetrics {
 
     /// Counts one error of `class` at `stage`.
     pub fn error(&self, class: &str, stage: &str) {
-        let _ = self.errors.get_or_create(&ErrorLabels { class: class.to_owned(), stage: stage.to_owned() }).inc();
+        self.errors.get_or_create(&ErrorLabels { class: class.to_owned(), stage: stage.to_owned() }).inc();
     }
 
     /// Sets the state of the circuit breaker named `circuit`.

@@ -2,9 +2,10 @@
 //!
 //! Every content mode of the CloudEvents HTTP protocol binding is taken: binary (the
 //! attributes in `ce-*` headers, the data alone as the body: the SDKs' default), structured
-//! (one event, `application/cloudevents+json`) and batched (`application/cloudevents-batch+json`),
-//! in the shape OpenMeter ingests, so a platform already sending to OpenMeter only changes its
-//! URL and key (`/api/v1/events` is served too). A request is all or nothing: every event is checked with the same rules as the Kafka path,
+//! (one event, `application/cloudevents+json`) and batched
+//! (`application/cloudevents-batch+json`), in the shape OpenMeter ingests, so a platform
+//! already sending to OpenMeter only changes its URL and key (`/api/v1/events` is served too).
+//! A request is all or nothing: every event is checked with the same rules as the Kafka path,
 //! and when any is refused the answer is 400 with a reason per refused event and nothing is
 //! written, so that the sender fixes and resends the batch as it was. Accepted events are
 //! written to `usage.events` by an idempotent producer (`acks=all`) and 202 is answered only
